@@ -1,0 +1,87 @@
+"""Second config phase: `RootConfig` -> `Runtime` (references resolved, providers built, keys hashed).
+
+The only module of the config package that may import provider and pipeline factories.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from setpoint.clock import Clock, RealClock
+from setpoint.config.schema import RootConfig
+from setpoint.errors import ConfigError
+from setpoint.keys.model import KeyInfo, hash_key
+from setpoint.models import Deployment, ModelRoute
+from setpoint.pricing import Pricing
+from setpoint.providers.registry import build_provider
+from setpoint.types import Provider
+
+__all__ = ["Runtime", "compile_config"]
+
+
+@dataclass(slots=True)
+class Runtime:
+    config: RootConfig
+    clock: Clock
+    data_dir: Path
+    providers: dict[str, Provider]
+    routes: dict[str, ModelRoute]
+    static_keys: dict[str, KeyInfo] = field(default_factory=dict)  # secret hash -> key
+
+    @property
+    def master_key(self) -> str | None:
+        return self.config.admin.master_key
+
+
+def compile_config(root: RootConfig, clock: Clock | None = None, base_dir: Path | None = None) -> Runtime:
+    """Resolve references; raises `ConfigError` with every problem and its dotted path."""
+    clk = clock or RealClock()
+    problems: list[str] = []
+    providers = {name: build_provider(name, cfg, clk) for name, cfg in root.providers.items()}
+    routes: dict[str, ModelRoute] = {}
+    for alias, mcfg in root.models.items():
+        deps: list[Deployment] = []
+        for i, d in enumerate(mcfg.deployments):
+            provider = providers.get(d.provider)
+            if provider is None:
+                known = ", ".join(sorted(providers)) or "none defined"
+                problems.append(f"models.{alias}.deployments[{i}].provider: unknown provider '{d.provider}' (known: {known})")
+                continue
+            pcfg = root.providers[d.provider]
+            pricing = (
+                Pricing.per_mtok(d.pricing.input_per_mtok, d.pricing.output_per_mtok, d.pricing.cached_input_per_mtok)
+                if d.pricing is not None
+                else None
+            )
+            deps.append(
+                Deployment(
+                    name=f"{d.provider}/{d.model}", provider=provider, upstream_model=d.model, pricing=pricing,
+                    extra_body=dict(d.extra_body),
+                    supports_stream_usage=getattr(pcfg, "supports_stream_usage", True),
+                )
+            )
+        if deps:
+            routes[alias] = ModelRoute(alias=alias, kind=mcfg.kind, deployments=tuple(deps))
+    static: dict[str, KeyInfo] = {}
+    names: set[str] = set()
+    for i, k in enumerate(root.keys):
+        if k.name in names:
+            problems.append(f"keys[{i}].name: duplicate key name '{k.name}'")
+        names.add(k.name)
+        for j, m in enumerate(k.models):
+            if m != "*" and m not in root.models:
+                problems.append(f"keys[{i}].models[{j}]: unknown model '{m}'")
+        digest = hash_key(k.key)
+        if digest in static:
+            problems.append(f"keys[{i}].key: the same secret is used by key '{static[digest].name}'")
+        static[digest] = KeyInfo(
+            id=f"cfg:{k.name}", name=k.name, team=k.team, user=k.user,
+            models=None if "*" in k.models else frozenset(k.models), metadata=dict(k.metadata), hint=k.key[:6] + "…",
+        )
+    if problems:
+        raise ConfigError("invalid config", problems=problems)
+    data_dir = Path(root.data_dir)
+    if not data_dir.is_absolute() and base_dir is not None:
+        data_dir = base_dir / data_dir
+    return Runtime(config=root, clock=clk, data_dir=data_dir, providers=providers, routes=routes, static_keys=static)

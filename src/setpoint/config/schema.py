@@ -1,0 +1,173 @@
+"""The config file as a user writes it: strict (unknown keys are errors), frozen, no behaviour.
+
+`config.compile` turns a validated `RootConfig` into a runtime; nothing here talks to the network.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "AdminConfig",
+    "DeploymentConfig",
+    "FaultsConfig",
+    "KeyConfig",
+    "LatencyConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "OpenAICompatibleProviderConfig",
+    "OutputLengthConfig",
+    "PricingConfig",
+    "ProviderConfig",
+    "RootConfig",
+    "ServerConfig",
+    "SimulatedProviderConfig",
+    "TimeoutsConfig",
+]
+
+RESERVED_PREFIX = "setpoint:"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TimeoutsConfig(_Strict):
+    connect_s: float = Field(5.0, gt=0)
+    read_s: float = Field(600.0, gt=0, description="total time for one upstream call")
+
+
+class OpenAICompatibleProviderConfig(_Strict):
+    """Any upstream that speaks OpenAI's HTTP API: OpenAI, vLLM, llama.cpp, Ollama, Groq, Together."""
+
+    type: Literal["openai_compatible"]
+    base_url: str
+    api_key: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    max_connections: int = Field(1024, ge=1)
+    supports_stream_usage: bool = Field(
+        True, description="upstream honours stream_options.include_usage (set false for old servers)"
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class LatencyConfig(_Strict):
+    ttft_ms: float = Field(30.0, ge=0, description="time to first token")
+    per_token_ms: float = Field(2.0, ge=0, description="cadence between streamed tokens")
+    jitter: float = Field(0.2, ge=0, le=1, description="relative uniform jitter on both")
+
+
+class OutputLengthConfig(_Strict):
+    min_tokens: int = Field(8, ge=1)
+    max_tokens: int = Field(64, ge=1)
+
+
+class FaultsConfig(_Strict):
+    """Probability of each fault per request (drawn deterministically from the seed)."""
+
+    rate_limit: float = Field(0.0, ge=0, le=1, description="429 with Retry-After")
+    retry_after_s: float = Field(1.0, ge=0)
+    server_error: float = Field(0.0, ge=0, le=1, description="500")
+    unavailable: float = Field(0.0, ge=0, le=1, description="503")
+    stall: float = Field(0.0, ge=0, le=1, description="no answer for stall_s (a timeout upstream)")
+    stall_s: float = Field(30.0, ge=0)
+    cut_stream: float = Field(0.0, ge=0, le=1, description="stream ends mid-answer, no [DONE]")
+    malformed_sse: float = Field(0.0, ge=0, le=1, description="a garbage line inside the stream")
+    slow_drip: float = Field(0.0, ge=0, le=1, description="tokens arrive at 10x the cadence")
+
+
+class SimulatedProviderConfig(_Strict):
+    """The built-in deterministic, fault-injecting upstream (demo, tests, simulator)."""
+
+    type: Literal["simulated"]
+    seed: int = 0
+    latency: LatencyConfig = LatencyConfig()
+    output: OutputLengthConfig = OutputLengthConfig()
+    faults: FaultsConfig = FaultsConfig()
+    embedding_dim: int = Field(64, ge=1, le=4096)
+
+
+ProviderConfig = Annotated[
+    OpenAICompatibleProviderConfig | SimulatedProviderConfig, Field(discriminator="type")
+]
+
+
+class PricingConfig(_Strict):
+    """USD per one million tokens."""
+
+    input_per_mtok: float = Field(0.0, ge=0)
+    cached_input_per_mtok: float | None = Field(None, ge=0)
+    output_per_mtok: float = Field(0.0, ge=0)
+
+
+class DeploymentConfig(_Strict):
+    provider: str
+    model: str = Field(description="model name sent upstream")
+    pricing: PricingConfig | None = None
+    extra_body: dict[str, object] = Field(
+        default_factory=dict, description="fields merged into every upstream request body"
+    )
+
+
+class ModelConfig(_Strict):
+    deployments: list[DeploymentConfig] = Field(min_length=1)
+    kind: Literal["chat", "embedding"] = "chat"
+
+
+class KeyConfig(_Strict):
+    """A virtual key declared in the file (its secret usually from `${ENV}`)."""
+
+    name: str
+    key: str = Field(min_length=16)
+    team: str | None = None
+    user: str | None = None
+    models: list[str] = Field(default_factory=lambda: ["*"])
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    auth_cache_ttl_s: float = Field(
+        5.0, ge=0, description="how long a key lookup is cached; bounds revocation delay across workers"
+    )
+
+
+class AdminConfig(_Strict):
+    master_key: str | None = Field(None, min_length=16)
+
+
+class LoggingConfig(_Strict):
+    store_content: bool = Field(False, description="store prompts and outputs in the request log")
+    batch_size: int = Field(1000, ge=1)
+    flush_interval_ms: int = Field(200, ge=1)
+    spool_segment_bytes: int = Field(64 * 1024 * 1024, ge=4096)
+
+
+class RootConfig(_Strict):
+    data_dir: str = ".setpoint"
+    server: ServerConfig = ServerConfig()
+    admin: AdminConfig = AdminConfig()
+    logging: LoggingConfig = LoggingConfig()
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    keys: list[KeyConfig] = Field(default_factory=list)
+
+    @field_validator("providers", "models")
+    @classmethod
+    def _no_reserved_names(cls, v: dict[str, object]) -> dict[str, object]:
+        for name in v:
+            if name.startswith(RESERVED_PREFIX):
+                raise ValueError(f"name {name!r} uses the reserved prefix {RESERVED_PREFIX!r}")
+        return v

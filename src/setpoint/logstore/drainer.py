@@ -1,0 +1,146 @@
+"""Moves spooled records into the log store in batches, on a thread, off the request path.
+
+Each tick: fsync this process's segment, claim segments of dead processes (their lock is free),
+read whole lines past the committed offset, and commit them with the new offset in one transaction.
+A fully drained segment that is no longer being written is deleted. If the store fails, records
+stay in the spool and the next tick retries: the spool grows, nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from setpoint.logstore.spool import Spool, segment_owner
+from setpoint.logstore.sqlite_store import SqliteLogStore
+
+__all__ = ["SpoolDrainer"]
+
+log = logging.getLogger("setpoint.logstore")
+
+
+class SpoolDrainer:
+    def __init__(self, spool: Spool, store_path: Path, batch_size: int, interval_s: float) -> None:
+        self._spool = spool
+        self._store_path = store_path
+        self._batch_size = batch_size
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._claimed: dict[str, int] = {}  # owner -> lock fd, for dead owners we drain
+        self.pending_bytes = 0
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="setpoint-spool-drainer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Drain what is left, close the spool and give up ownership."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Ask for a drain now and wait until a whole tick has finished (for CLI tools and tests)."""
+        self._idle.clear()
+        self._wake.set()
+        return self._idle.wait(timeout_s)
+
+    def _run(self) -> None:
+        store = SqliteLogStore(self._store_path)
+        try:
+            while not self._stop.is_set():
+                self._tick(store)
+                self._idle.set()
+                self._wake.wait(self._interval_s)
+                self._wake.clear()
+            self._spool.close()
+            self._tick(store)
+            self._idle.set()
+            self._spool.release()
+        finally:
+            for fd in self._claimed.values():
+                os.close(fd)
+            store.close()
+
+    def _tick(self, store: SqliteLogStore) -> None:
+        try:
+            self._spool.sync()
+            self._claim_orphans()
+            pending = 0
+            for seg in sorted(self._spool.directory.glob("*.jsonl")):
+                owner = segment_owner(seg)
+                if owner != self._spool.owner and owner not in self._claimed:
+                    continue
+                pending += self._drain_segment(store, seg, is_live=(seg == self._spool.current_segment and not self._stop.is_set()))
+            for owner in [o for o in self._claimed if not any(self._spool.directory.glob(f"{o}-*.jsonl"))]:
+                (self._spool.directory / f"{owner}.lock").unlink(missing_ok=True)
+                os.close(self._claimed.pop(owner))
+            self.pending_bytes = pending
+            self.last_error = None
+        except Exception as exc:  # the background-task boundary: keep the spool, retry next tick
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.exception("request log drain failed; records stay in the spool and will be retried")
+
+    def _claim_orphans(self) -> None:
+        for lock in self._spool.directory.glob("*.lock"):
+            owner = lock.stem
+            if owner == self._spool.owner or owner in self._claimed:
+                continue
+            try:
+                fd = os.open(lock, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)  # its owner is alive
+                continue
+            log.info("claiming spool of dead process %s", owner)
+            self._claimed[owner] = fd
+
+    def _drain_segment(self, store: SqliteLogStore, seg: Path, *, is_live: bool) -> int:
+        name = seg.name
+        offset = store.offset(name)
+        size = seg.stat().st_size
+        while offset < size:
+            with seg.open("rb") as f:
+                f.seek(offset)
+                data = f.read(min(size - offset, 8 * 1024 * 1024))
+            end = data.rfind(b"\n")
+            if end < 0:
+                if not is_live and offset + len(data) >= size:
+                    log.warning("dropping a torn, never-acknowledged line at the end of %s", name)
+                    offset = size
+                    store.commit_batch(name, offset, [])
+                break
+            lines = data[: end + 1].split(b"\n")[:-1]
+            for i in range(0, len(lines), self._batch_size):
+                chunk = lines[i : i + self._batch_size]
+                records = [_decode(line, name) for line in chunk]
+                offset += sum(len(line) + 1 for line in chunk)
+                store.commit_batch(name, offset, [r for r in records if r is not None])
+        if not is_live and offset >= size:
+            seg.unlink(missing_ok=True)
+            store.forget_segment(name)
+            return 0
+        return max(0, size - offset)
+
+
+def _decode(line: bytes, segment: str) -> dict[str, Any] | None:
+    try:
+        rec = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        log.error("unreadable line in spool segment %s; skipped", segment)
+        return None
+    return rec if isinstance(rec, dict) else None

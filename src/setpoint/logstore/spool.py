@@ -1,0 +1,84 @@
+"""Append-only request-record spool: one `write()` per record, in segment files under `data_dir/spool`.
+
+A record is appended before the client sees the end of its response, so once a response is
+acknowledged its record survives `kill -9` (it is in the page cache; the drainer fsyncs each tick
+for power loss). Each process owns its segments through an `flock`ed lock file; when a process dies
+its lock is released and any other process's drainer claims and drains its segments.
+
+Segment name: `<owner>-<seq:08d>.jsonl`, lock: `<owner>.lock`, owner = `<pid>-<random hex>`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+__all__ = ["Spool", "segment_owner"]
+
+
+def segment_owner(path: Path) -> str:
+    return path.name.rsplit("-", 1)[0]
+
+
+class Spool:
+    def __init__(self, directory: Path, segment_bytes: int) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.owner = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._segment_bytes = segment_bytes
+        self._lock_fd = os.open(directory / f"{self.owner}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._seq = 0
+        self._size = 0
+        self._mutex = threading.Lock()  # append() may be called from the demo's threads too
+        self._fd = self._open_segment()
+
+    def _segment_path(self, seq: int) -> Path:
+        return self.directory / f"{self.owner}-{seq:08d}.jsonl"
+
+    def _open_segment(self) -> int:
+        return os.open(self._segment_path(self._seq), os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
+
+    @property
+    def current_segment(self) -> Path:
+        return self._segment_path(self._seq)
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = orjson.dumps(record) + b"\n"
+        with self._mutex:
+            if self._fd < 0:
+                raise RuntimeError("spool is closed")
+            written = os.write(self._fd, line)
+            while written < len(line):  # short writes are rare (disk full); finish or raise
+                written += os.write(self._fd, line[written:])
+            self._size += len(line)
+            if self._size >= self._segment_bytes:
+                os.close(self._fd)
+                self._seq += 1
+                self._size = 0
+                self._fd = self._open_segment()
+
+    def sync(self) -> None:
+        with self._mutex:
+            if self._fd >= 0:
+                os.fsync(self._fd)
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._fd >= 0:
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = -1
+
+    def release(self) -> None:
+        """Give up ownership (after the last drain): remove the lock file and unlock."""
+        try:
+            (self.directory / f"{self.owner}.lock").unlink(missing_ok=True)
+        finally:
+            os.close(self._lock_fd)

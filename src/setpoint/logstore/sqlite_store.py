@@ -1,0 +1,92 @@
+"""The request log in SQLite: batched idempotent inserts, committed together with spool progress."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RECORD_COLUMNS", "SqliteLogStore"]
+
+RECORD_COLUMNS = (
+    "id", "ts", "endpoint", "key_id", "key_name", "team", "user_id", "model", "deployment", "provider",
+    "is_stream", "status", "error_code", "prompt_tokens", "completion_tokens", "cached_tokens",
+    "reasoning_tokens", "cost_micros", "latency_ms", "ttft_ms", "upstream_ms", "finish_reason",
+    "annotations", "content",
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY,
+    ts REAL NOT NULL,
+    endpoint TEXT NOT NULL,
+    key_id TEXT, key_name TEXT, team TEXT, user_id TEXT,
+    model TEXT, deployment TEXT, provider TEXT,
+    is_stream INTEGER NOT NULL DEFAULT 0,
+    status INTEGER NOT NULL,
+    error_code TEXT,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    cached_tokens INTEGER NOT NULL DEFAULT 0,
+    reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_micros INTEGER,
+    latency_ms REAL, ttft_ms REAL, upstream_ms REAL,
+    finish_reason TEXT,
+    annotations TEXT,
+    content TEXT
+);
+CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
+CREATE INDEX IF NOT EXISTS requests_team_ts ON requests (team, ts);
+CREATE INDEX IF NOT EXISTS requests_key_ts ON requests (key_id, ts);
+CREATE INDEX IF NOT EXISTS requests_model_ts ON requests (model, ts);
+CREATE TABLE IF NOT EXISTS spool_progress (
+    segment TEXT PRIMARY KEY,
+    byte_offset INTEGER NOT NULL
+);
+"""
+
+_INSERT = (
+    f"INSERT OR IGNORE INTO requests ({', '.join(RECORD_COLUMNS)}) "
+    f"VALUES ({', '.join(':' + c for c in RECORD_COLUMNS)})"
+)
+
+
+class SqliteLogStore:
+    """Used from the drainer thread only (one connection, not shared across threads)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA busy_timeout=30000")
+        self._conn.executescript(_SCHEMA)
+
+    def offset(self, segment: str) -> int:
+        row = self._conn.execute("SELECT byte_offset FROM spool_progress WHERE segment = ?", (segment,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def commit_batch(self, segment: str, new_offset: int, records: Sequence[dict[str, Any]]) -> None:
+        """Insert records and advance the segment's offset in one transaction (exactly-once)."""
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            if records:
+                c.executemany(_INSERT, [{col: r.get(col) for col in RECORD_COLUMNS} for r in records])
+            c.execute(
+                "INSERT INTO spool_progress (segment, byte_offset) VALUES (?, ?) "
+                "ON CONFLICT(segment) DO UPDATE SET byte_offset = excluded.byte_offset",
+                (segment, new_offset),
+            )
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+
+    def forget_segment(self, segment: str) -> None:
+        self._conn.execute("DELETE FROM spool_progress WHERE segment = ?", (segment,))
+
+    def close(self) -> None:
+        self._conn.close()

@@ -1,0 +1,32 @@
+"""`parse`: after auth, turn the raw body into a checked request (400 on anything malformed)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from setpoint.errors import InvalidRequestError
+from setpoint.proxy.context import RequestContext
+from setpoint.types import Next, Reply
+from setpoint.wire.request import parse_json_object
+
+__all__ = ["ParseStage"]
+
+
+class ParseStage:
+    name: ClassVar[str] = "parse"
+
+    def __init__(self, check: Callable[[dict[str, Any]], str], *, allow_stream: bool) -> None:
+        self._check = check
+        self._allow_stream = allow_stream
+
+    async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
+        body = parse_json_object(ctx.raw)
+        ctx.model = self._check(body)
+        ctx.body = body
+        ctx.is_stream = body.get("stream") is True
+        if ctx.is_stream and not self._allow_stream:
+            raise InvalidRequestError("this endpoint does not support streaming", param="stream")
+        user = ctx.headers.get("x-setpoint-user") or body.get("user")
+        ctx.user = user if isinstance(user, str) and user else (ctx.key.user if ctx.key else None)
+        return await call_next(ctx)

@@ -1,0 +1,85 @@
+"""The gateway: everything built from a `Runtime`, and the aiohttp application that serves it."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from setpoint.config.compile import Runtime
+from setpoint.errors import MethodNotAllowedError, NotFoundError
+from setpoint.keys.auth import KeyAuthenticator
+from setpoint.keys.store import SqliteKeyStore
+from setpoint.logstore.request_log import RequestLog
+from setpoint.policy.pipeline import build_pipelines
+from setpoint.policy.stages.auth import AuthStage
+from setpoint.proxy.admin import AdminHandlers
+from setpoint.proxy.routes import ApiHandlers, error_response
+
+__all__ = ["Gateway", "build_app"]
+
+
+class Gateway:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        cfg = runtime.config
+        runtime.data_dir.mkdir(parents=True, exist_ok=True)
+        self.key_store = SqliteKeyStore(runtime.data_dir / "keys.db")
+        self.authenticator = KeyAuthenticator(
+            runtime.static_keys, self.key_store, runtime.clock, cfg.server.auth_cache_ttl_s
+        )
+        self.auth_stage = AuthStage(self.authenticator)
+        self.request_log = RequestLog(
+            runtime.data_dir, store_content=cfg.logging.store_content, batch_size=cfg.logging.batch_size,
+            interval_s=cfg.logging.flush_interval_ms / 1000, segment_bytes=cfg.logging.spool_segment_bytes,
+        )
+        self.pipelines = build_pipelines(self.auth_stage, runtime.routes, runtime.clock)
+
+    async def start(self) -> None:
+        self.request_log.start()
+        for p in self.runtime.providers.values():
+            await p.start()
+
+    async def stop(self) -> None:
+        for p in self.runtime.providers.values():
+            await p.aclose()
+        self.request_log.stop()
+
+
+def build_app(gw: Gateway) -> web.Application:
+    max_body = gw.runtime.config.server.max_body_bytes
+    app = web.Application(client_max_size=max_body)
+    api = ApiHandlers(gw, gw.pipelines)
+    admin = AdminHandlers(gw)
+    r = app.router
+    for prefix in ("/v1", ""):
+        r.add_post(f"{prefix}/chat/completions", api.chat)
+        r.add_post(f"{prefix}/embeddings", api.embeddings)
+        r.add_get(f"{prefix}/models", api.models)
+        r.add_get(f"{prefix}/models/{{model}}", api.model)
+    r.add_get("/admin/keys", admin.list_keys)
+    r.add_post("/admin/keys", admin.create_key)
+    r.add_delete("/admin/keys/{key_id}", admin.revoke_key)
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "spool_pending_bytes": gw.request_log.pending_bytes})
+
+    r.add_get("/health", health)
+
+    # Last: anything unmatched gets an OpenAI-shaped 404/405 instead of aiohttp's HTML page.
+    known = {res.canonical for res in r.resources()}
+
+    async def unmatched(request: web.Request) -> web.Response:
+        if request.path in known:
+            return error_response(MethodNotAllowedError(f"method {request.method} is not allowed on {request.path}"))
+        return error_response(NotFoundError(f"unsupported endpoint: {request.method} {request.path}"))
+
+    r.add_route("*", "/{tail:.*}", unmatched)
+
+    async def on_startup(app: web.Application) -> None:
+        await gw.start()
+
+    async def on_cleanup(app: web.Application) -> None:
+        await gw.stop()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app

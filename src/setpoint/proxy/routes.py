@@ -1,0 +1,199 @@
+"""Thin handlers: raw request -> context -> pipeline -> response, and one request record each."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import orjson
+from aiohttp import web
+
+from setpoint.errors import (
+    InternalError,
+    ModelNotFoundError,
+    PayloadTooLargeError,
+    ProviderResponseError,
+    SetpointError,
+)
+from setpoint.proxy.context import RequestContext
+from setpoint.proxy.streaming import StreamRelay
+from setpoint.types import Next, Reply
+from setpoint.wire.error_body import error_body, error_event
+
+if TYPE_CHECKING:
+    from setpoint.proxy.gateway import Gateway
+
+__all__ = ["ApiHandlers", "error_response"]
+
+log = logging.getLogger("setpoint.proxy")
+
+_JSON = "application/json"
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_DONE_EVENT = b"data: [DONE]\n\n"
+
+
+def error_response(err: SetpointError, request_id: str | None = None) -> web.Response:
+    headers = err.headers()
+    if request_id:
+        headers["x-request-id"] = request_id
+    return web.Response(status=err.status, body=error_body(err), content_type=_JSON, headers=headers)
+
+
+def _new_request_id() -> str:
+    return "req_" + os.urandom(12).hex()
+
+
+class ApiHandlers:
+    def __init__(self, gw: Gateway, pipelines: dict[str, Next]) -> None:
+        self._gw = gw
+        self._pipelines = pipelines
+        self._clock = gw.runtime.clock
+        self._max_body = gw.runtime.config.server.max_body_bytes
+        self._store_content = gw.runtime.config.logging.store_content
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            raise PayloadTooLargeError(f"request body is {length} bytes; the limit is {self._max_body}")
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLargeError(f"request body exceeds the limit of {self._max_body} bytes") from None
+
+    def _record(self, ctx: RequestContext) -> None:
+        latency_ms = (self._clock.monotonic() - ctx.started_mono) * 1000
+        self._gw.request_log.append(ctx, latency_ms)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "chat")
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "embeddings")
+
+    async def _handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        clock = self._clock
+        ctx = RequestContext(
+            request_id=_new_request_id(), endpoint=endpoint, started_at=clock.now(),
+            started_mono=clock.monotonic(), headers=request.headers, raw=b"",
+        )
+        if self._store_content:
+            ctx.output_text = []
+        try:
+            ctx.raw = await self._read_body(request)
+            reply = await self._pipelines[endpoint](ctx)
+            if reply.stream is not None:
+                return await self._stream(request, ctx, reply)
+            ctx.status = reply.status
+            self._record(ctx)
+            return web.Response(
+                status=reply.status, body=reply.body, content_type=_JSON,
+                headers={"x-request-id": ctx.request_id, **reply.headers},
+            )
+        except SetpointError as err:
+            return self._fail(ctx, err)
+        except asyncio.CancelledError:
+            ctx.status, ctx.error_code = 499, "client_disconnected"
+            self._record(ctx)
+            raise
+        except Exception:  # the outermost boundary: log it, answer 500 without internals
+            log.exception("unhandled error in request %s", ctx.request_id)
+            return self._fail(ctx, InternalError("internal error; see the gateway log for request " + ctx.request_id))
+
+    def _fail(self, ctx: RequestContext, err: SetpointError) -> web.Response:
+        ctx.status, ctx.error_code = err.status, err.wire_code
+        self._record(ctx)
+        return error_response(err, ctx.request_id)
+
+    async def _stream(self, request: web.Request, ctx: RequestContext, reply: Reply) -> web.StreamResponse:
+        assert reply.stream is not None
+        upstream = reply.stream
+        relay = StreamRelay(ctx, self._clock)
+        chunks: AsyncIterator[bytes] = aiter(upstream)
+        try:
+            # Read the first chunk before committing to a 200: a failure here is still a clean error.
+            first = relay.feed(await anext(chunks))
+        except StopAsyncIteration:
+            await upstream.aclose()
+            return self._fail(ctx, _empty_stream_error(ctx))
+        except BaseException:
+            await upstream.aclose()
+            raise
+        resp = web.StreamResponse(status=200, headers={**_SSE_HEADERS, "x-request-id": ctx.request_id})
+        failure: SetpointError | None = None
+        client_gone = False
+        try:
+            await resp.prepare(request)
+            if first:
+                await resp.write(first)
+            async for chunk in chunks:
+                out = relay.feed(chunk)
+                if out:
+                    await resp.write(out)
+            relay.finish()
+        except SetpointError as err:
+            failure = err
+        except (ConnectionResetError, asyncio.CancelledError) as exc:
+            client_gone = True
+            if isinstance(exc, asyncio.CancelledError):
+                ctx.status, ctx.error_code = 499, "client_disconnected"
+                self._finish_stream_record(ctx)
+                raise
+        finally:
+            await upstream.aclose()  # cancels the upstream request if it is still running
+        if client_gone:
+            ctx.status, ctx.error_code = 499, "client_disconnected"
+            self._finish_stream_record(ctx)
+            return resp
+        if failure is not None:
+            ctx.status, ctx.error_code = failure.status, failure.wire_code
+            self._finish_stream_record(ctx)
+            await _write_quietly(resp, error_event(failure))  # an explicit error, never a clean [DONE]
+        else:
+            ctx.status = 200
+            self._finish_stream_record(ctx)
+            await _write_quietly(resp, _DONE_EVENT)
+        return resp
+
+    def _finish_stream_record(self, ctx: RequestContext) -> None:
+        if ctx.upstream_started is not None:
+            ctx.upstream_ms = (self._clock.monotonic() - ctx.upstream_started) * 1000
+        self._record(ctx)
+
+    async def models(self, request: web.Request) -> web.Response:
+        try:
+            key = await self._gw.auth_stage.authenticate(request.headers)
+        except SetpointError as err:
+            return error_response(err)
+        data = [
+            {"id": alias, "object": "model", "created": 0, "owned_by": "setpoint"}
+            for alias in self._gw.runtime.routes
+            if key.allows(alias)
+        ]
+        return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type=_JSON)
+
+    async def model(self, request: web.Request) -> web.Response:
+        try:
+            key = await self._gw.auth_stage.authenticate(request.headers)
+            alias = request.match_info["model"]
+            if alias not in self._gw.runtime.routes or not key.allows(alias):
+                raise ModelNotFoundError(f"model '{alias}' does not exist", param="model")
+        except SetpointError as err:
+            return error_response(err)
+        body = {"id": alias, "object": "model", "created": 0, "owned_by": "setpoint"}
+        return web.Response(body=orjson.dumps(body), content_type=_JSON)
+
+
+def _empty_stream_error(ctx: RequestContext) -> SetpointError:
+    name = ctx.deployment.provider.name if ctx.deployment else "upstream"
+    return ProviderResponseError(f"upstream {name} ended the stream without sending anything")
+
+
+async def _write_quietly(resp: web.StreamResponse, data: bytes) -> None:
+    try:
+        await resp.write(data)
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass

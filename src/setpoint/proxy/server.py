@@ -1,0 +1,118 @@
+"""Run the gateway: one process, or N worker processes sharing the port via SO_REUSEPORT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from setpoint.config.compile import Runtime, compile_config
+from setpoint.config.load import load_config
+from setpoint.proxy.gateway import Gateway, build_app
+
+__all__ = ["RunningServer", "run_server", "start_server"]
+
+log = logging.getLogger("setpoint.server")
+
+
+def _event_loop_policy() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+class RunningServer:
+    """A started gateway inside the current event loop (used by `serve`, `demo` and tests)."""
+
+    def __init__(self, gateway: Gateway, runner: web.AppRunner, port: int) -> None:
+        self.gateway = gateway
+        self.runner = runner
+        self.port = port
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_server(runtime: Runtime, host: str, port: int, *, reuse_port: bool = False) -> RunningServer:
+    gw = Gateway(runtime)
+    app = build_app(gw)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=4096)
+    await site.start()
+    bound = port
+    server = site._server  # noqa: SLF001 - aiohttp exposes no public accessor for the bound port
+    if port == 0 and server is not None and server.sockets:  # type: ignore[union-attr]
+        bound = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return RunningServer(gw, runner, bound)
+
+
+async def _serve_forever(runtime: Runtime, host: str, port: int, reuse_port: bool, on_ready: Callable[[int], None] | None) -> None:
+    srv = await start_server(runtime, host, port, reuse_port=reuse_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if on_ready:
+        on_ready(srv.port)
+    try:
+        await stop.wait()
+    finally:
+        await srv.stop()
+
+
+def _worker_main(config_path: str, host: str, port: int) -> None:
+    _event_loop_policy()
+    runtime = compile_config(load_config(config_path), base_dir=Path(config_path).resolve().parent)
+    asyncio.run(_serve_forever(runtime, host, port, True, None))
+
+
+def _free_reuse_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def run_server(
+    runtime: Runtime, config_path: str | None, host: str, port: int, workers: int,
+    on_ready: Callable[[int], None] | None = None,
+) -> None:
+    """Blocking entry point for `setpoint serve`."""
+    if workers <= 1:
+        _event_loop_policy()
+        asyncio.run(_serve_forever(runtime, host, port, False, on_ready))
+        return
+    if config_path is None:
+        raise ValueError("--workers > 1 needs a config file")
+    if port == 0:
+        port = _free_reuse_port(host)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(config_path, host, port), name=f"setpoint-worker-{i}") for i in range(workers)]
+    for p in procs:
+        p.start()
+    if on_ready:
+        on_ready(port)
+
+    def forward(signum: int, frame: object) -> None:
+        for p in procs:
+            if p.pid and p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for p in procs:
+        p.join()

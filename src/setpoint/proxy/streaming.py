@@ -1,0 +1,99 @@
+"""Relay an upstream SSE stream to the client, parsing only what accounting needs.
+
+Events pass through byte for byte. The relay reads `usage`, the finish reason and TTFT; hides the
+usage chunk the gateway asked for on the client's behalf; holds back `[DONE]` so the request record
+is spooled before the client sees the end; and turns a stream that ends without `[DONE]`, a
+malformed event or an upstream error event into a `SetpointError` (never a clean end).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from setpoint.clock import Clock
+from setpoint.errors import ProviderResponseError
+from setpoint.proxy.context import RequestContext
+from setpoint.wire.sse import DONE, MalformedEventError, SSEFramer, event_data
+
+__all__ = ["StreamRelay"]
+
+_SEP = b"\n\n"
+
+
+class StreamRelay:
+    __slots__ = ("_ctx", "_clock", "_framer", "_hide_usage", "_provider", "is_done")
+
+    def __init__(self, ctx: RequestContext, clock: Clock) -> None:
+        self._ctx = ctx
+        self._clock = clock
+        self._framer = SSEFramer()
+        self._hide_usage = bool(ctx.annotations.get("usage_injected"))
+        self._provider = ctx.deployment.provider.name if ctx.deployment else "upstream"
+        self.is_done = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Bytes to send to the client for this upstream chunk (may be empty)."""
+        ctx = self._ctx
+        if ctx.ttft_ms is None:
+            ctx.ttft_ms = (self._clock.monotonic() - ctx.started_mono) * 1000
+        kept: list[bytes] = []
+        for event in self._framer.feed(chunk):
+            if self.is_done:
+                continue  # nothing may follow [DONE]
+            try:
+                data = event_data(event)
+            except MalformedEventError as exc:
+                raise ProviderResponseError(f"upstream {self._provider} sent a malformed stream event: {exc}") from None
+            if data is None:
+                kept.append(event)
+                continue
+            if data == DONE:
+                self.is_done = True
+                continue
+            if self._inspect(data):
+                kept.append(event)
+        if not kept:
+            return b""
+        return _SEP.join(kept) + _SEP
+
+    def _inspect(self, data: bytes) -> bool:
+        """Account for one data payload; False when the event is hidden from the client."""
+        ctx = self._ctx
+        wants_text = ctx.output_text is not None
+        if not (wants_text or b'"usage"' in data or b'"finish_reason":"' in data or data.startswith(b'{"error"')):
+            return True
+        try:
+            doc: Any = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise ProviderResponseError(f"upstream {self._provider} sent a stream event that is not JSON") from None
+        if not isinstance(doc, dict):
+            return True
+        if "error" in doc and "choices" not in doc:
+            err = doc["error"]
+            msg = err.get("message") if isinstance(err, dict) else err
+            raise ProviderResponseError(f"upstream {self._provider} failed mid-stream: {msg}")
+        choices = doc.get("choices")
+        if isinstance(choices, list):
+            for c in choices:
+                if not isinstance(c, dict):
+                    continue
+                fr = c.get("finish_reason")
+                if isinstance(fr, str):
+                    ctx.finish_reason = fr
+                if wants_text and c.get("index", 0) == 0:
+                    delta = c.get("delta")
+                    if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+                        ctx.output_text.append(delta["content"])  # type: ignore[union-attr]
+        usage = doc.get("usage")
+        if isinstance(usage, dict):
+            ctx.usage.update_from(usage)
+            if self._hide_usage and not choices:
+                return False
+        return True
+
+    def finish(self) -> None:
+        """Call when the upstream body ended; raises if it ended without a proper `[DONE]`."""
+        if not self.is_done:
+            raise ProviderResponseError(f"upstream {self._provider} ended the stream before it was complete")

@@ -1,0 +1,54 @@
+"""Server-sent events framing for OpenAI-style streams.
+
+`SSEFramer` cuts a byte stream into whole events without copying more than the unfinished tail;
+`event_data` pulls the `data:` payload out of one event. Only what accounting needs is parsed.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DONE", "MalformedEventError", "SSEFramer", "event_data"]
+
+DONE = b"[DONE]"
+_FIELDS = (b"data:", b"event:", b"id:", b"retry:", b":")
+
+
+class MalformedEventError(ValueError):
+    """An event line that is not an SSE field."""
+
+
+class SSEFramer:
+    """Feed raw chunks, get back complete events (each without its trailing blank line)."""
+
+    __slots__ = ("_tail",)
+
+    def __init__(self) -> None:
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buf = self._tail + chunk if self._tail else chunk
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        parts = buf.split(b"\n\n")
+        self._tail = parts.pop()
+        return [p for p in parts if p]
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes of an event that has not been terminated yet."""
+        return self._tail
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The joined `data:` payload of one event, or None for comment/metadata-only events.
+
+    Raises `MalformedEventError` for a line that is not an SSE field."""
+    if event.startswith(b"data: ") and b"\n" not in event:
+        return event[6:]
+    data: list[bytes] = []
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            v = line[5:]
+            data.append(v[1:] if v.startswith(b" ") else v)
+        elif not line.startswith(_FIELDS):
+            raise MalformedEventError(line[:80].decode("utf-8", "replace"))
+    return b"\n".join(data) if data else None
