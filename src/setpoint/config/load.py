@@ -77,7 +77,9 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> RootConfig:
                 msg = "unknown key"
             elif err["type"] == "union_tag_invalid":
                 msg = f"unknown provider type {err['input'].get('type')!r}" if isinstance(err["input"], dict) else msg
-            problems.append(f"{path or '<root>'}: {msg}")
+            line = f"{path or '<root>'}: {msg}"
+            if not any(p.startswith(f"{path}: environment variable") for p in problems):
+                problems.append(line)  # (a missing ${ENV} already explains this path)
         raise ConfigError("invalid config", problems=problems) from None
     if problems:
         raise ConfigError("invalid config", problems=problems)

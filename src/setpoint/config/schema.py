@@ -145,7 +145,12 @@ class ServerConfig(_Strict):
 
 
 class AdminConfig(_Strict):
-    master_key: str | None = Field(None, min_length=16)
+    master_key: str | None = Field(None, min_length=16, description="empty or unset disables /admin")
+
+    @field_validator("master_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        return None if v == "" else v
 
 
 class LoggingConfig(_Strict):
