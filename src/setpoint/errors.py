@@ -25,6 +25,7 @@ context manager each.
 from __future__ import annotations
 
 import logging
+import math
 from typing import ClassVar
 
 __all__ = [
@@ -145,7 +146,7 @@ class RateLimitedError(RequestError):
     def headers(self) -> dict[str, str]:
         if self.retry_after_s is None:
             return {}
-        return {"Retry-After": str(max(1, int(self.retry_after_s + 0.999)))}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
 class BudgetExceededError(RateLimitedError):
@@ -189,7 +190,7 @@ class ProviderRateLimitedError(UpstreamError):
     def headers(self) -> dict[str, str]:
         if self.retry_after_s is None:
             return {}
-        return {"Retry-After": str(max(1, int(self.retry_after_s + 0.999)))}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
 class ProviderResponseError(UpstreamError):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -137,21 +139,29 @@ def test_bad_requests_are_logged_with_their_status(gateway, http, keys, gateway_
     assert all(r["key_name"] == "all" for r in rows)
 
 
+_SIM_TOOL_CHOICE_BUG = pytest.mark.xfail(
+    strict=True, reason="bug: simulated engine _tool_call calls .get() on a non-dict tool_choice.function "
+                        "(AttributeError -> 500)")
+
+
 @pytest.mark.parametrize(
     "tools_body",
     [
-        {"tools": [{"type": "function", "function": {"name": "f"}}],
-         "tool_choice": {"type": "function", "function": "f"}},
-        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": "string"}}}}]},
+        pytest.param({"tools": [{"type": "function", "function": {"name": "f"}}],
+                      "tool_choice": {"type": "function", "function": "f"}},
+                     id="tool_choice_function_not_object", marks=_SIM_TOOL_CHOICE_BUG),
+        pytest.param({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": "string"}}}}]},
+                     id="tool_parameter_schema_not_object"),
+        pytest.param({"tools": [1, "x"]}, id="tools_not_objects"),
+        pytest.param({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"}, id="tool_choice_none"),
     ],
-    ids=["tool_choice_function_not_object", "tool_parameter_schema_not_object"],
 )
-@pytest.mark.xfail(strict=True, reason="bug: simulated engine _tool_call crashes (AttributeError -> 500) on "
-                                       "malformed tool_choice / tool parameter schemas")
-def test_malformed_tools_never_500(gateway, http, keys, tools_body: dict[str, Any]) -> None:
+def test_odd_tools_never_500(gateway, http, keys, tools_body: dict[str, Any]) -> None:
+    """Tools are passed through unvalidated: the upstream may accept or refuse them, but never crash."""
     resp = http.post(f"{gateway.base_url}/chat/completions", json={**CHAT_OK, **tools_body}, headers=bearer(keys.all))
-    assert 400 <= resp.status_code < 500, resp.text
-    assert_error(resp, resp.status_code, hidden=(keys.all,))
+    assert resp.status_code < 500, resp.text
+    if resp.status_code != 200:
+        assert_error(resp, resp.status_code, hidden=(keys.all,))
 
 
 # -- body size ----------------------------------------------------------------------------------
@@ -224,7 +234,7 @@ def test_model_not_allowed_for_key_is_403(gateway, http, keys, gateway_rows) -> 
 
 
 def test_missing_key_is_401(gateway, http) -> None:
-    for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": "Basic dXNlcjpwYXNz"}):
+    for headers in ({}, {"Authorization": "Bearer"}, {"Authorization": "Basic dXNlcjpwYXNz"}, {"x-api-key": ""}):
         resp = http.post(f"{gateway.base_url}/chat/completions", json=CHAT_OK, headers=headers)
         err = assert_error(resp, 401, code="invalid_api_key")
         assert err["type"] == "authentication_error"
@@ -312,10 +322,17 @@ def _chunk(content: str | None = None, finish: str | None = None) -> bytes:
     return b"data: " + orjson.dumps(doc) + b"\n\n"
 
 
-async def _sse(request: web.Request, *events: bytes, cut: bool = False) -> web.StreamResponse:
+GATE = web.AppKey("gate", threading.Event)
+
+
+async def _sse(request: web.Request, *events: bytes, cut: bool = False, gated: bool = False) -> web.StreamResponse:
+    """Stream `events`; with `gated`, hold everything after the first event until the test opens the
+    gate (after it has received that first event), so the failure is certainly mid-stream."""
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
-    for e in events:
+    for i, e in enumerate(events):
+        if gated and i == 1:
+            assert await asyncio.to_thread(request.app[GATE].wait, 10), "the test never opened the gate"
         await resp.write(e)
     if cut:
         assert request.transport is not None
@@ -347,14 +364,14 @@ async def _garbage(request: web.Request) -> web.StreamResponse:
         request.transport.close()
         return resp
     if mode == "nodone":
-        return await _sse(request, _chunk("hel"), _chunk("lo"), _chunk(finish="stop"))
+        return await _sse(request, _chunk("hel"), _chunk("lo"), _chunk(finish="stop"), gated=True)
     if mode == "cut":
-        return await _sse(request, _chunk("hel"), _chunk("lo"), cut=True)
+        return await _sse(request, _chunk("hel"), _chunk("lo"), cut=True, gated=True)
     if mode == "errevent":
         return await _sse(request, _chunk("hel"), b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n',
-                          b"data: [DONE]\n\n")
+                          b"data: [DONE]\n\n", gated=True)
     if mode == "notjsonevent":
-        return await _sse(request, _chunk("hel"), b'data: {"usage": oops}\n\n', b"data: [DONE]\n\n")
+        return await _sse(request, _chunk("hel"), b'data: {"usage": oops}\n\n', b"data: [DONE]\n\n", gated=True)
     if mode == "badfirst":
         return await _sse(request, b"this is not an sse line\n\n", _chunk("x"), b"data: [DONE]\n\n")
     if mode == "emptysse":
@@ -385,8 +402,17 @@ GARBAGE_MODES = ("nonjson", "array", "html", "truncated", "nodone", "cut", "erre
 
 
 @pytest.fixture
-def garbage_gw(serve_app, make_gateway, default_config, free_port):
+def gate() -> Iterator[threading.Event]:
+    """Opened by a test once it has seen the first streamed event (opened at teardown regardless)."""
+    ev = threading.Event()
+    yield ev
+    ev.set()
+
+
+@pytest.fixture
+def garbage_gw(serve_app, make_gateway, default_config, free_port, gate):
     app = web.Application()
+    app[GATE] = gate
     app.router.add_post("/{mode}/v1/chat/completions", _garbage)
     upstream = serve_app(app)
     cfg = default_config()
@@ -458,13 +484,18 @@ def test_upstream_503_is_503(garbage_gw, make_client, keys) -> None:
 
 
 @pytest.mark.parametrize("mode", ["nodone", "cut", "errevent", "notjsonevent"])
-def test_broken_stream_ends_with_error_event_not_done(garbage_gw, http, keys, gateway_rows, mode) -> None:
+def test_broken_stream_ends_with_error_event_not_done(garbage_gw, http, keys, gateway_rows, gate, mode) -> None:
     with http.stream("POST", f"{garbage_gw.base_url}/chat/completions",
                      json={"model": f"m-{mode}", "messages": MESSAGES, "stream": True},
                      headers=bearer(keys.all)) as resp:
         assert resp.status_code == 200  # the first chunk was good, so the stream had started
         assert resp.headers["content-type"].startswith("text/event-stream")
-        text = resp.read().decode()
+        parts = resp.iter_bytes()
+        text = ""
+        while "\n\n" not in text:
+            text += next(parts).decode()
+        gate.set()
+        text += b"".join(parts).decode()
     events = sse_events(text)
     assert "[DONE]" not in events
     assert len(events) >= 2
@@ -479,14 +510,16 @@ def test_broken_stream_ends_with_error_event_not_done(garbage_gw, http, keys, ga
 
 
 @pytest.mark.parametrize("mode", ["nodone", "cut", "errevent"])
-def test_broken_stream_raises_in_sdk(garbage_gw, make_client, keys, mode) -> None:
+def test_broken_stream_raises_in_sdk(garbage_gw, make_client, keys, gate, mode) -> None:
     client = make_client(garbage_gw.base_url, keys.all)
     stream = client.chat.completions.create(model=f"m-{mode}", messages=MESSAGES, stream=True)
     received = []
-    with pytest.raises(openai.APIError):
+    with pytest.raises(openai.APIError) as info:
         for chunk in stream:
             received.append(chunk)
-    assert received, "the good chunks before the failure are delivered"
+            gate.set()
+    assert not isinstance(info.value, openai.APIStatusError), "the failure came mid-stream, after a 200"
+    assert [c.choices[0].delta.content for c in received][:1] == ["hel"], "chunks before the failure are delivered"
 
 
 # -- simulated faults ---------------------------------------------------------------------------

@@ -146,10 +146,6 @@ def test_no_retry_after_header_when_unknown(cls: type) -> None:
     assert cls("slow down").headers() == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Retry-After uses int(x + 0.999) instead of ceil, so 1.0005 s becomes '1' (too early)",
-)
 def test_retry_after_is_a_true_ceiling() -> None:
     assert RateLimitedError("x", retry_after_s=1.0005).headers() == {"Retry-After": "2"}
 

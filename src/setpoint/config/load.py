@@ -44,10 +44,11 @@ def _interpolate(node: Any, path: tuple[int | str, ...], env: Mapping[str, str],
 
         def sub(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
-            if name in env:
-                return env[name]
+            value = env.get(name)
+            if value is not None and (value or default is None):
+                return value
             if default is not None:
-                return default
+                return default  # shell semantics: ${X:-d} also replaces a set-but-empty X
             problems.append(f"{format_path(path) or '<root>'}: environment variable {name} is not set")
             return ""
 

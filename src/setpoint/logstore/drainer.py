@@ -24,6 +24,8 @@ __all__ = ["SpoolDrainer"]
 
 log = logging.getLogger("setpoint.logstore")
 
+_READ_WINDOW = 8 * 1024 * 1024
+
 
 class SpoolDrainer:
     def __init__(self, spool: Spool, store_path: Path, batch_size: int, interval_s: float) -> None:
@@ -33,8 +35,11 @@ class SpoolDrainer:
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._idle = threading.Event()
+        self._ticks = threading.Condition()
+        self._ticks_done = 0
+        self._in_tick = False
         self._thread: threading.Thread | None = None
+        self._store: SqliteLogStore | None = None
         self._claimed: dict[str, int] = {}  # owner -> lock fd, for dead owners we drain
         self.pending_bytes = 0
         self.last_error: str | None = None
@@ -51,30 +56,52 @@ class SpoolDrainer:
             self._thread.join(timeout=60)
 
     def flush(self, timeout_s: float = 30.0) -> bool:
-        """Ask for a drain now and wait until a whole tick has finished (for CLI tools and tests)."""
-        self._idle.clear()
-        self._wake.set()
-        return self._idle.wait(timeout_s)
+        """Drain now: wait for a whole tick that started after this call and left nothing behind.
+
+        Returns False on timeout. A failing store still finishes ticks: check `last_error`."""
+        with self._ticks:
+            # A tick already running may have read the spool before our caller's last append.
+            target = self._ticks_done + (2 if self._in_tick else 1)
+            self._wake.set()
+            ok = self._ticks.wait_for(lambda: self._ticks_done >= target, timeout_s)
+        return ok
 
     def _run(self) -> None:
-        store = SqliteLogStore(self._store_path)
         try:
             while not self._stop.is_set():
-                self._tick(store)
-                self._idle.set()
-                self._wake.wait(self._interval_s)
                 self._wake.clear()
+                self._tick()
+                self._wake.wait(self._interval_s)
             self._spool.close()
-            self._tick(store)
-            self._idle.set()
-            self._spool.release()
+            self._tick()
+            # Keep the lock file if our own segments could not be drained: a later drainer finds
+            # orphans through lock files and must still see this one.
+            self._spool.release(remove_lock=not self._own_segments())
         finally:
             for fd in self._claimed.values():
                 os.close(fd)
-            store.close()
+            if self._store is not None:
+                self._store.close()
 
-    def _tick(self, store: SqliteLogStore) -> None:
+    def _own_segments(self) -> list[Path]:
+        return list(self._spool.directory.glob(f"{self._spool.owner}-*.jsonl"))
+
+    def _tick(self) -> None:
+        with self._ticks:
+            self._in_tick = True
         try:
+            self._drain_all()
+        finally:
+            with self._ticks:
+                self._in_tick = False
+                self._ticks_done += 1
+                self._ticks.notify_all()
+
+    def _drain_all(self) -> None:
+        try:
+            if self._store is None:
+                self._store = SqliteLogStore(self._store_path)  # retried every tick until it opens
+            store = self._store
             self._spool.sync()
             self._claim_orphans()
             pending = 0
@@ -113,17 +140,22 @@ class SpoolDrainer:
         name = seg.name
         offset = store.offset(name)
         size = seg.stat().st_size
+        window = _READ_WINDOW
         while offset < size:
             with seg.open("rb") as f:
                 f.seek(offset)
-                data = f.read(min(size - offset, 8 * 1024 * 1024))
+                data = f.read(min(size - offset, window))
             end = data.rfind(b"\n")
             if end < 0:
-                if not is_live and offset + len(data) >= size:
-                    log.warning("dropping a torn, never-acknowledged line at the end of %s", name)
+                if offset + len(data) < size:
+                    window *= 2  # one record longer than the window: read further
+                    continue
+                if not is_live:
+                    log.warning("skipping a torn, never-acknowledged line at the end of %s", name)
                     offset = size
                     store.commit_batch(name, offset, [])
                 break
+            window = _READ_WINDOW
             lines = data[: end + 1].split(b"\n")[:-1]
             for i in range(0, len(lines), self._batch_size):
                 chunk = lines[i : i + self._batch_size]

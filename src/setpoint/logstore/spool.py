@@ -32,8 +32,11 @@ class Spool:
         directory.mkdir(parents=True, exist_ok=True)
         self.owner = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._segment_bytes = segment_bytes
-        self._lock_fd = os.open(directory / f"{self.owner}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        # Lock first, then publish: a drainer must never see our lock file unlocked.
+        tmp = directory / f".{self.owner}.lock.tmp"
+        self._lock_fd = os.open(tmp, os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(tmp, directory / f"{self.owner}.lock")
         self._seq = 0
         self._size = 0
         self._mutex = threading.Lock()  # append() may be called from the demo's threads too
@@ -76,9 +79,11 @@ class Spool:
                 os.close(self._fd)
                 self._fd = -1
 
-    def release(self) -> None:
-        """Give up ownership (after the last drain): remove the lock file and unlock."""
+    def release(self, *, remove_lock: bool = True) -> None:
+        """Give up ownership after the last drain. Keep the lock file when segments remain, so
+        that another process's drainer claims them."""
         try:
-            (self.directory / f"{self.owner}.lock").unlink(missing_ok=True)
+            if remove_lock:
+                (self.directory / f"{self.owner}.lock").unlink(missing_ok=True)
         finally:
             os.close(self._lock_fd)

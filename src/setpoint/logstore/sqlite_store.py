@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 __all__ = ["RECORD_COLUMNS", "SqliteLogStore"]
+
+log = logging.getLogger("setpoint.logstore")
 
 RECORD_COLUMNS = (
     "id", "ts", "endpoint", "key_id", "key_name", "team", "user_id", "model", "deployment", "provider",
@@ -40,16 +45,29 @@ CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
 CREATE INDEX IF NOT EXISTS requests_team_ts ON requests (team, ts);
 CREATE INDEX IF NOT EXISTS requests_key_ts ON requests (key_id, ts);
 CREATE INDEX IF NOT EXISTS requests_model_ts ON requests (model, ts);
+CREATE TABLE IF NOT EXISTS rejected_records (
+    segment TEXT NOT NULL,
+    record TEXT NOT NULL,
+    error TEXT NOT NULL,
+    rejected_at REAL NOT NULL DEFAULT (strftime('%s', 'now'))
+);
 CREATE TABLE IF NOT EXISTS spool_progress (
     segment TEXT PRIMARY KEY,
     byte_offset INTEGER NOT NULL
 );
 """
 
+# ON CONFLICT(id) only: a replayed record is skipped, any other constraint failure raises
+# (and the batch stays in the spool) instead of being silently ignored.
 _INSERT = (
-    f"INSERT OR IGNORE INTO requests ({', '.join(RECORD_COLUMNS)}) "
-    f"VALUES ({', '.join(':' + c for c in RECORD_COLUMNS)})"
+    f"INSERT INTO requests ({', '.join(RECORD_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in RECORD_COLUMNS)}) ON CONFLICT(id) DO NOTHING"
 )
+_DEFAULTS = {"is_stream": 0, "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0, "reasoning_tokens": 0}
+
+
+def _row(r: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(r.get(c, _DEFAULTS.get(c)) for c in RECORD_COLUMNS)
 
 
 class SqliteLogStore:
@@ -74,7 +92,14 @@ class SqliteLogStore:
         c.execute("BEGIN IMMEDIATE")
         try:
             if records:
-                c.executemany(_INSERT, [{col: r.get(col) for col in RECORD_COLUMNS} for r in records])
+                c.execute("SAVEPOINT batch")
+                try:
+                    c.executemany(_INSERT, [_row(r) for r in records])
+                    c.execute("RELEASE batch")
+                except sqlite3.IntegrityError:
+                    c.execute("ROLLBACK TO batch")
+                    c.execute("RELEASE batch")
+                    self._insert_one_by_one(segment, records)
             c.execute(
                 "INSERT INTO spool_progress (segment, byte_offset) VALUES (?, ?) "
                 "ON CONFLICT(segment) DO UPDATE SET byte_offset = excluded.byte_offset",
@@ -84,6 +109,19 @@ class SqliteLogStore:
         except BaseException:
             c.execute("ROLLBACK")
             raise
+
+    def _insert_one_by_one(self, segment: str, records: Sequence[dict[str, Any]]) -> None:
+        """A batch with a record the schema refuses: store the good ones, dead-letter the bad ones
+        (kept whole in `rejected_records`, never dropped), so one bad line cannot block the spool."""
+        for r in records:
+            try:
+                self._conn.execute(_INSERT, _row(r))
+            except sqlite3.IntegrityError as exc:
+                log.error("request record refused by the log schema (%s); kept in rejected_records", exc)
+                self._conn.execute(
+                    "INSERT INTO rejected_records (segment, record, error) VALUES (?, ?, ?)",
+                    (segment, orjson.dumps(r).decode(), str(exc)),
+                )
 
     def forget_segment(self, segment: str) -> None:
         self._conn.execute("DELETE FROM spool_progress WHERE segment = ?", (segment,))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import orjson
@@ -25,7 +26,7 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
         try:
             return max(0.0, float(ra))
         except ValueError:
-            return None
+            pass  # an HTTP date: fall back to the x-ratelimit-* headers
     for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
         v = headers.get(name)
         if v:
@@ -33,18 +34,21 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     return None
 
 
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
 def _duration_s(v: str) -> float | None:
+    """'20ms', '1s', '6m0s', '1h2m3.5s' (Go durations, as OpenAI sends them) or plain seconds."""
     v = v.strip()
     try:
-        if v.endswith("ms"):
-            return float(v[:-2]) / 1000
-        if v.endswith("s"):
-            return float(v[:-1])
-        if v.endswith("m"):
-            return float(v[:-1]) * 60
         return float(v)
     except ValueError:
+        pass
+    parts = _DURATION_PART.findall(v)
+    if not parts or "".join(n + u for n, u in parts) != v:
         return None
+    return sum(float(n) * _UNIT_S[u] for n, u in parts)
 
 
 def _upstream_message(body: bytes) -> tuple[str | None, str | None]:
@@ -71,8 +75,8 @@ def error_from_status(provider: str, status: int, headers: Mapping[str, str], bo
         )
     if status in (401, 403):
         return ProviderResponseError(f"upstream {provider} rejected the gateway's credentials (HTTP {status})")
-    if status == 408:
-        return ProviderTimeoutError(f"upstream {provider} timed out (HTTP 408)")
+    if status in (408, 504):
+        return ProviderTimeoutError(f"upstream {provider} timed out (HTTP {status})")
     if status >= 500:
         return ProviderUnavailableError(
             f"upstream {provider} failed with HTTP {status}: {msg or 'no details'}", upstream_status=status

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -42,8 +43,20 @@ def error_response(err: SetpointError, request_id: str | None = None) -> web.Res
     return web.Response(status=err.status, body=error_body(err), content_type=_JSON, headers=headers)
 
 
-def _new_request_id() -> str:
-    return "req_" + os.urandom(12).hex()
+class _RequestIds:
+    """Time-ordered, unique ids: `req_` + ms timestamp + 64 random bits per process + a counter.
+
+    Time order keeps the log's primary-key index append-mostly; the per-process random part keeps
+    ids from different workers and replicas apart without coordination."""
+
+    __slots__ = ("_counter", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count()
+
+    def __call__(self, now_s: float) -> str:
+        return f"req_{int(now_s * 1000):012x}{self._prefix}{next(self._counter):06x}"
 
 
 class ApiHandlers:
@@ -53,6 +66,7 @@ class ApiHandlers:
         self._clock = gw.runtime.clock
         self._max_body = gw.runtime.config.server.max_body_bytes
         self._store_content = gw.runtime.config.logging.store_content
+        self._new_id = _RequestIds()
 
     async def _read_body(self, request: web.Request) -> bytes:
         length = request.content_length
@@ -66,6 +80,7 @@ class ApiHandlers:
     def _record(self, ctx: RequestContext) -> None:
         latency_ms = (self._clock.monotonic() - ctx.started_mono) * 1000
         self._gw.request_log.append(ctx, latency_ms)
+        ctx.annotations["recorded"] = True
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, "chat")
@@ -75,8 +90,9 @@ class ApiHandlers:
 
     async def _handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         clock = self._clock
+        now = clock.now()
         ctx = RequestContext(
-            request_id=_new_request_id(), endpoint=endpoint, started_at=clock.now(),
+            request_id=self._new_id(now), endpoint=endpoint, started_at=now,
             started_mono=clock.monotonic(), headers=request.headers, raw=b"",
         )
         if self._store_content:
@@ -95,8 +111,9 @@ class ApiHandlers:
         except SetpointError as err:
             return self._fail(ctx, err)
         except asyncio.CancelledError:
-            ctx.status, ctx.error_code = 499, "client_disconnected"
-            self._record(ctx)
+            if not ctx.annotations.get("recorded"):
+                ctx.status, ctx.error_code = 499, "client_disconnected"
+                self._record(ctx)
             raise
         except Exception:  # the outermost boundary: log it, answer 500 without internals
             log.exception("unhandled error in request %s", ctx.request_id)

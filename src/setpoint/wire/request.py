@@ -100,7 +100,7 @@ def parse_embeddings(body: dict[str, Any]) -> str:
         and (
             all(isinstance(x, str) for x in inp)
             or all(isinstance(x, int) and not isinstance(x, bool) for x in inp)
-            or all(isinstance(x, list) and all(isinstance(t, int) for t in x) for x in inp)
+            or all(isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x) for x in inp)
         )
     )
     if not ok:

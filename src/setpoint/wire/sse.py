@@ -19,18 +19,23 @@ class MalformedEventError(ValueError):
 class SSEFramer:
     """Feed raw chunks, get back complete events (each without its trailing blank line)."""
 
-    __slots__ = ("_tail",)
+    __slots__ = ("_after_cr", "_tail")
 
     def __init__(self) -> None:
         self._tail = b""
+        self._after_cr = False  # the previous chunk ended in "\r": a leading "\n" belongs to it
 
     def feed(self, chunk: bytes) -> list[bytes]:
+        if self._after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        self._after_cr = False
         buf = self._tail + chunk if self._tail else chunk
         if b"\r" in buf:
+            self._after_cr = buf.endswith(b"\r")
             buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         parts = buf.split(b"\n\n")
         self._tail = parts.pop()
-        return [p for p in parts if p]
+        return [p.strip(b"\n") for p in parts if p.strip(b"\n")]
 
     @property
     def pending(self) -> bytes:
@@ -49,6 +54,6 @@ def event_data(event: bytes) -> bytes | None:
         if line.startswith(b"data:"):
             v = line[5:]
             data.append(v[1:] if v.startswith(b" ") else v)
-        elif not line.startswith(_FIELDS):
+        elif line and not line.startswith(_FIELDS):
             raise MalformedEventError(line[:80].decode("utf-8", "replace"))
     return b"\n".join(data) if data else None

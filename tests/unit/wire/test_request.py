@@ -185,11 +185,6 @@ def test_parse_embeddings_valid_inputs(inp: Any) -> None:
     assert body == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: parse_embeddings accepts bool inside token arrays (isinstance(True, int)) "
-    "although flat token lists already exclude bools",
-)
 def test_parse_embeddings_rejects_bool_in_token_arrays() -> None:
     with pytest.raises(InvalidRequestError) as info:
         parse_embeddings(emb(input=[[1, True]]))

@@ -135,12 +135,6 @@ def test_crlf_split_inside_data_line_is_fine() -> None:
         assert pending == b""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: SSEFramer.feed normalizes a trailing '\\r' to '\\n' before its '\\n' has arrived, so a "
-    "CRLF pair split across chunks becomes two newlines and the next event starts with a blank line "
-    "that event_data rejects as malformed",
-)
 def test_crlf_every_split_point() -> None:
     for i in range(len(CRLF_STREAM) + 1):
         events, pending = _feed_in_pieces(CRLF_STREAM, [i])
@@ -148,11 +142,6 @@ def test_crlf_every_split_point() -> None:
         assert pending == b""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an extra blank line between events (valid SSE, dispatches nothing) yields an event "
-    "starting with '\\n' and event_data raises MalformedEventError on the empty line",
-)
 def test_extra_blank_lines_between_events_are_ignored() -> None:
     framer = SSEFramer()
     events = framer.feed(b"data: a\n\n\ndata: b\n\n")

@@ -73,7 +73,7 @@ class SimulatedEngine:
         self._name = name
         self._counter = itertools.count()
 
-    def _rng(self, body: dict[str, Any]) -> random.Random:
+    def _rng(self) -> random.Random:
         n = next(self._counter)
         digest = hashlib.blake2b(f"{self._cfg.seed}:{n}".encode(), digest_size=8).digest()
         return random.Random(int.from_bytes(digest, "big"))
@@ -98,7 +98,7 @@ class SimulatedEngine:
     # -- chat -----------------------------------------------------------------------------------
 
     def plan_chat(self, body: dict[str, Any], is_stream: bool) -> SimPlan:
-        rng = self._rng(body)
+        rng = self._rng()
         fault = self._pick_fault(rng, body)
         f = self._cfg.faults
         ttft = self._jitter(rng, self._cfg.latency.ttft_ms)
@@ -204,7 +204,7 @@ class SimulatedEngine:
             return None
         params = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else {}
         props = params.get("properties") if isinstance(params.get("properties"), dict) else {}
-        args = {k: ("42" if (v or {}).get("type") != "number" else 42) for k, v in props.items()}
+        args = {k: (42 if isinstance(v, dict) and v.get("type") in ("number", "integer") else "42") for k, v in props.items()}
         return fn["name"], orjson.dumps(args).decode()
 
     @staticmethod
@@ -232,7 +232,7 @@ class SimulatedEngine:
     # -- embeddings -----------------------------------------------------------------------------
 
     def plan_embeddings(self, body: dict[str, Any]) -> SimPlan:
-        rng = self._rng(body)
+        rng = self._rng()
         fault = self._pick_fault(rng, body)
         if fault in ("rate_limit", "server_error", "unavailable"):
             status = {"rate_limit": 429, "server_error": 500, "unavailable": 503}[fault]
