@@ -375,7 +375,8 @@ class Proc:
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
-    """`spawn(args, name=..., env=...)` -> a started `setpoint <args>` subprocess; killed at teardown."""
+    """`spawn(args, name=..., env=..., cwd=tmp_path)` -> a started `setpoint <args>` subprocess, in
+    its own session; stopped (SIGTERM, then SIGKILL to its process group) at teardown."""
     procs: list[Proc] = []
     counter = itertools.count()
     log_dir = tmp_path / "proc-logs"
@@ -383,7 +384,7 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
 
     def start(args: list[str], name: str | None = None, env: dict[str, str] | None = None,
               cwd: Path | None = None) -> Proc:
-        p = Proc(args, log_dir, name or f"proc{next(counter)}", env=env, cwd=cwd)
+        p = Proc(args, log_dir, name or f"proc{next(counter)}", env=env, cwd=cwd or tmp_path)
         procs.append(p)
         return p
 

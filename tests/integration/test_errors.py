@@ -139,17 +139,12 @@ def test_bad_requests_are_logged_with_their_status(gateway, http, keys, gateway_
     assert all(r["key_name"] == "all" for r in rows)
 
 
-_SIM_TOOL_CHOICE_BUG = pytest.mark.xfail(
-    strict=True, reason="bug: simulated engine _tool_call calls .get() on a non-dict tool_choice.function "
-                        "(AttributeError -> 500)")
-
-
 @pytest.mark.parametrize(
     "tools_body",
     [
         pytest.param({"tools": [{"type": "function", "function": {"name": "f"}}],
                       "tool_choice": {"type": "function", "function": "f"}},
-                     id="tool_choice_function_not_object", marks=_SIM_TOOL_CHOICE_BUG),
+                     id="tool_choice_function_not_object"),
         pytest.param({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": "string"}}}}]},
                      id="tool_parameter_schema_not_object"),
         pytest.param({"tools": [1, "x"]}, id="tools_not_objects"),
@@ -200,8 +195,6 @@ def test_body_under_limit_is_served(small_body_gateway, http, keys) -> None:
     assert resp.status_code == 200, resp.text
 
 
-@pytest.mark.xfail(strict=True, reason="bug: admin create_key reads the body without mapping aiohttp's "
-                                       "HTTPRequestEntityTooLarge; the client gets a text/plain 413")
 def test_admin_body_over_limit_is_openai_shaped_413(small_body_gateway, http, keys) -> None:
     resp = http.post(f"{small_body_gateway.root_url}/admin/keys", content=b'{"name": "' + b"x" * 10_000 + b'"}',
                      headers=bearer(keys.master))

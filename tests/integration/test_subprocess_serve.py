@@ -50,7 +50,8 @@ def test_serve_unary_and_stream(serve_gateway, default_config, make_client, keys
         ("chat-a", 0, 200), ("chat-b", 1, 200), ("embed", 0, 200)]
     assert rows[0]["completion_tokens"] == unary.usage.completion_tokens
     assert rows[1]["completion_tokens"] == chunks[-1].usage.completion_tokens
-    assert "data" in srv.data_dir.parts[-1]  # relative data_dir resolved next to the config file
+    assert srv.db_path.is_file()  # `data_dir: data` was resolved next to the config file, not the cwd
+    assert not (srv.config_path.parent.parent / "data").exists()
 
 
 def test_serve_health_and_errors(serve_gateway, default_config, http, keys) -> None:
@@ -101,8 +102,8 @@ def test_serve_with_two_workers_logs_every_request(serve_gateway, default_config
     assert sum(1 for r in rows if r["endpoint"] == "embeddings") == 10
     assert sum(r["is_stream"] for r in rows) == 20
     assert all(r["completion_tokens"] == 3 for r in rows if r["endpoint"] == "chat")
-    # Nothing left behind in the spool after a clean shutdown.
-    leftovers = [p.name for p in (srv.data_dir / "spool").iterdir()]
+    # A clean shutdown drains every spool segment.
+    leftovers = sorted(p.name for p in (srv.data_dir / "spool").glob("*.jsonl"))
     assert leftovers == [], leftovers
 
 

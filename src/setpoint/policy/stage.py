@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
-from setpoint.proxy.context import RequestContext
-from setpoint.types import Next, Reply, Stage
+from setpoint.types import Next, Stage
 
 __all__ = ["compose"]
 
 
 def compose(stages: Sequence[Stage], terminal: Next) -> Next:
+    """`stages[0]` runs first; each receives the rest of the chain as `call_next`.
+
+    `partial` binds without an extra coroutine frame per stage (measured on the hot path)."""
     handler = terminal
     for stage in reversed(stages):
-        handler = _bind(stage, handler)
+        handler = partial(stage.__call__, call_next=handler)
     return handler
-
-
-def _bind(stage: Stage, call_next: Next) -> Next:
-    async def run(ctx: RequestContext) -> Reply:
-        return await stage(ctx, call_next)
-
-    run.__qualname__ = f"{type(stage).__name__}.bound"
-    return run

@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 
 from setpoint.errors import AuthenticationError, InvalidRequestError, NotFoundError, PermissionDeniedError, SetpointError
-from setpoint.proxy.routes import error_response
+from setpoint.proxy.routes import error_response, read_body
 from setpoint.wire.request import parse_json_object
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class AdminHandlers:
     async def create_key(self, request: web.Request) -> web.Response:
         try:
             self._check(request)
-            body = parse_json_object(await request.read())
+            body = parse_json_object(await read_body(request, self._gw.runtime.config.server.max_body_bytes))
             name = _opt_str(body, "name") or "unnamed"
             models = _str_list(body, "models")
             for m in models or ():

@@ -27,13 +27,24 @@ from setpoint.wire.error_body import error_body, error_event
 if TYPE_CHECKING:
     from setpoint.proxy.gateway import Gateway
 
-__all__ = ["ApiHandlers", "error_response"]
+__all__ = ["ApiHandlers", "error_response", "read_body"]
 
 log = logging.getLogger("setpoint.proxy")
 
 _JSON = "application/json"
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _DONE_EVENT = b"data: [DONE]\n\n"
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, or `PayloadTooLargeError` (413) past `limit` bytes, with or without a length."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLargeError(f"request body is {length} bytes; the limit is {limit}")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes") from None
 
 
 def error_response(err: SetpointError, request_id: str | None = None) -> web.Response:
@@ -68,15 +79,6 @@ class ApiHandlers:
         self._store_content = gw.runtime.config.logging.store_content
         self._new_id = _RequestIds()
 
-    async def _read_body(self, request: web.Request) -> bytes:
-        length = request.content_length
-        if length is not None and length > self._max_body:
-            raise PayloadTooLargeError(f"request body is {length} bytes; the limit is {self._max_body}")
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise PayloadTooLargeError(f"request body exceeds the limit of {self._max_body} bytes") from None
-
     def _record(self, ctx: RequestContext) -> None:
         latency_ms = (self._clock.monotonic() - ctx.started_mono) * 1000
         self._gw.request_log.append(ctx, latency_ms)
@@ -98,7 +100,7 @@ class ApiHandlers:
         if self._store_content:
             ctx.output_text = []
         try:
-            ctx.raw = await self._read_body(request)
+            ctx.raw = await read_body(request, self._max_body)
             reply = await self._pipelines[endpoint](ctx)
             if reply.stream is not None:
                 return await self._stream(request, ctx, reply)

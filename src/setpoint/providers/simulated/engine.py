@@ -197,7 +197,8 @@ class SimulatedEngine:
             return None
         chosen = tools[0]
         if isinstance(choice, dict):
-            wanted = (choice.get("function") or {}).get("name")
+            fn_choice = choice.get("function")
+            wanted = fn_choice.get("name") if isinstance(fn_choice, dict) else None
             chosen = next((t for t in tools if isinstance(t, dict) and (t.get("function") or {}).get("name") == wanted), chosen)
         fn = chosen.get("function") if isinstance(chosen, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
