@@ -67,6 +67,7 @@ class UpstreamCall:
     body: dict[str, Any]
     is_stream: bool
     request_id: str
+    raw: bytes | None = None  # the exact bytes of `body` when the client's body is forwarded as is
 
 
 class Provider(Protocol):

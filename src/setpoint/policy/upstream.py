@@ -15,19 +15,24 @@ from setpoint.types import Next, Reply, UpstreamCall
 __all__ = ["build_upstream_terminal"]
 
 
-def upstream_body(ctx: RequestContext, dep: Deployment) -> dict[str, Any]:
+def upstream_body(ctx: RequestContext, dep: Deployment) -> tuple[dict[str, Any], bytes | None]:
+    """The body to send upstream, and the client's raw bytes when nothing needed rewriting."""
+    inject_usage = False
+    if ctx.is_stream and dep.supports_stream_usage:
+        opts = ctx.body.get("stream_options")
+        inject_usage = not (isinstance(opts, dict) and opts.get("include_usage") is True)
+        # When the client did not ask for usage, ask anyway (for accounting); the relay hides it.
+        ctx.annotations["usage_injected"] = inject_usage
+    if not inject_usage and not dep.extra_body and ctx.body.get("model") == dep.upstream_model:
+        return ctx.body, ctx.raw
     body = dict(ctx.body)
     if dep.extra_body:
         body.update(dep.extra_body)
     body["model"] = dep.upstream_model
-    if ctx.is_stream and dep.supports_stream_usage:
+    if inject_usage:
         opts = body.get("stream_options")
-        wants = isinstance(opts, dict) and opts.get("include_usage") is True
-        ctx.annotations["usage_injected"] = not wants
-        if not wants:
-            # Ask for usage anyway, for accounting; the relay hides it from the client.
-            body["stream_options"] = {**(opts or {}), "include_usage": True}
-    return body
+        body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+    return body, None
 
 
 def build_upstream_terminal(path: str, clock: Clock) -> Next:
@@ -35,7 +40,8 @@ def build_upstream_terminal(path: str, clock: Clock) -> Next:
         assert ctx.route is not None
         dep = ctx.route.deployments[0]
         ctx.deployment = dep
-        call = UpstreamCall(path=path, body=upstream_body(ctx, dep), is_stream=ctx.is_stream, request_id=ctx.request_id)
+        body, raw = upstream_body(ctx, dep)
+        call = UpstreamCall(path=path, body=body, is_stream=ctx.is_stream, request_id=ctx.request_id, raw=raw)
         t0 = ctx.upstream_started = clock.monotonic()
         reply = await dep.provider.send(call)
         if reply.body is not None:

@@ -83,7 +83,8 @@ class OpenAICompatibleProvider:
         assert self._session is not None
         url = self._cfg.base_url + call.path
         with map_upstream_errors(self.name):
-            resp = await self._session.post(url, data=orjson.dumps(call.body), headers=self._headers)
+            data = call.raw if call.raw is not None else orjson.dumps(call.body)
+            resp = await self._session.post(url, data=data, headers=self._headers)
             if resp.status >= 300:
                 try:
                     body = await resp.read()

@@ -211,8 +211,8 @@ def _empty_stream_error(ctx: RequestContext) -> SetpointError:
 
 
 async def _write_quietly(resp: web.StreamResponse, data: bytes) -> None:
+    """The last event and the end of the chunked body in one socket write."""
     try:
-        await resp.write(data)
-        await resp.write_eof()
+        await resp.write_eof(data)
     except ConnectionResetError:
         pass

@@ -42,6 +42,17 @@ class StreamRelay:
         for event in self._framer.feed(chunk):
             if self.is_done:
                 continue  # nothing may follow [DONE]
+            if event.startswith(b"data: {") and b"\n" not in event:
+                # The common case: one single-line JSON payload. Parse only if accounting needs it.
+                data = event[6:]
+                if (
+                    self._ctx.output_text is None
+                    and b'"usage"' not in data
+                    and b'"finish_reason":"' not in data
+                    and not data.startswith(b'{"error"')
+                ) or self._inspect(data):
+                    kept.append(event)
+                continue
             try:
                 data = event_data(event)
             except MalformedEventError as exc:
@@ -52,6 +63,8 @@ class StreamRelay:
             if data == DONE:
                 self.is_done = True
                 continue
+            if not data.startswith(b"{"):
+                raise ProviderResponseError(f"upstream {self._provider} sent a stream event that is not JSON")
             if self._inspect(data):
                 kept.append(event)
         if not kept:
@@ -62,8 +75,6 @@ class StreamRelay:
         """Account for one data payload; False when the event is hidden from the client."""
         ctx = self._ctx
         wants_text = ctx.output_text is not None
-        if not (wants_text or b'"usage"' in data or b'"finish_reason":"' in data or data.startswith(b'{"error"')):
-            return True
         try:
             doc: Any = orjson.loads(data)
         except orjson.JSONDecodeError:
