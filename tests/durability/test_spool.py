@@ -273,11 +273,11 @@ def test_failing_store_is_retried_and_loses_nothing(
     attempts = {"n": 0}
     real_commit = SqliteLogStore.commit_batch
 
-    def commit_batch(self: SqliteLogStore, segment: str, new_offset: int, records: Any) -> None:
+    def commit_batch(self: SqliteLogStore, segment: str, new_offset: int, records: Any, **kw: Any) -> None:
         if broken.is_set():
             attempts["n"] += 1
             raise sqlite3.OperationalError("disk I/O error")
-        real_commit(self, segment, new_offset, records)
+        real_commit(self, segment, new_offset, records, **kw)
 
     monkeypatch.setattr(SqliteLogStore, "commit_batch", commit_batch)
     for i in range(40):
@@ -332,7 +332,7 @@ def test_records_survive_a_stop_while_the_store_is_failing(
     drainer = start_drainer(spool, db, interval_s=60)
     drain_all(drainer)  # the store exists and works
 
-    def failing(self: SqliteLogStore, *args: Any) -> None:
+    def failing(self: SqliteLogStore, *args: Any, **kw: Any) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
     with monkeypatch.context() as m:
@@ -383,14 +383,14 @@ def test_flush_waits_for_a_tick_that_started_after_the_call(
     calls = {"n": 0}
     real_commit = SqliteLogStore.commit_batch
 
-    def gated(self: SqliteLogStore, *args: Any) -> None:
+    def gated(self: SqliteLogStore, *args: Any, **kw: Any) -> None:
         calls["n"] += 1
         if calls["n"] == 1:
             in_first_commit.set()
             release_first.wait(10)
         else:
             release_rest.wait(10)
-        real_commit(self, *args)
+        real_commit(self, *args, **kw)
 
     monkeypatch.setattr(SqliteLogStore, "commit_batch", gated)
     results: dict[str, bool] = {}
@@ -457,6 +457,18 @@ def test_unreadable_line_in_the_middle_is_skipped(tmp_path: Path, start_drainer:
     assert_exactly_once(db, [f"rec-{i}" for i in range(20)])
     assert db_total_rows(db) == 20
     assert segments(spool_dir, dead) == []
+    # Nothing is dropped silently: what could not be stored is kept verbatim for inspection.
+    rejected = [r[0] for r in _rejected(db)]
+    assert len(rejected) == 2
+    assert "garbage that is not json" in rejected[0] and rejected[1] == "[1,2,3]"
+
+
+def _rejected(db: Path) -> list[tuple[str, str]]:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT record, error FROM rejected_records ORDER BY rowid").fetchall()
+    finally:
+        conn.close()
 
 
 def test_schema_invalid_record_does_not_block_the_spool(tmp_path: Path, start_drainer: StartDrainer) -> None:
@@ -468,6 +480,8 @@ def test_schema_invalid_record_does_not_block_the_spool(tmp_path: Path, start_dr
     assert_exactly_once(db, ["rec-0", "rec-1"])
     assert segments(spool_dir, dead) == []
     assert drainer.last_error is None
+    rejected = _rejected(db)
+    assert len(rejected) == 1 and "no-ts-or-status" in rejected[0][0] and "NOT NULL" in rejected[0][1]
 
 
 def test_record_with_only_required_fields_is_stored(tmp_path: Path) -> None:
@@ -619,7 +633,8 @@ def _spooled_ids(spool_dir: Path) -> set[str]:
     for seg in segments(spool_dir):
         for line in seg.read_bytes().splitlines():
             try:
-                ids.add(orjson.loads(line)["id"])
+                rec = orjson.loads(line)  # the gateway spools positional records
+                ids.add(rec[RECORD_COLUMNS.index("id")] if isinstance(rec, list) else rec["id"])
             except orjson.JSONDecodeError:
                 pass
     return ids

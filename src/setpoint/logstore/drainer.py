@@ -159,9 +159,17 @@ class SpoolDrainer:
             lines = data[: end + 1].split(b"\n")[:-1]
             for i in range(0, len(lines), self._batch_size):
                 chunk = lines[i : i + self._batch_size]
-                records = [_decode(line, name) for line in chunk]
+                records, unreadable = [], []
+                for line in chunk:
+                    if not line:
+                        continue  # a blank line holds no record
+                    rec = _decode(line)
+                    if rec is None:
+                        unreadable.append(line)
+                    else:
+                        records.append(rec)
                 offset += sum(len(line) + 1 for line in chunk)
-                store.commit_batch(name, offset, [r for r in records if r is not None])
+                store.commit_batch(name, offset, records, unreadable=unreadable)
         if not is_live and offset >= size:
             seg.unlink(missing_ok=True)
             store.forget_segment(name)
@@ -169,10 +177,9 @@ class SpoolDrainer:
         return max(0, size - offset)
 
 
-def _decode(line: bytes, segment: str) -> dict[str, Any] | None:
+def _decode(line: bytes) -> dict[str, Any] | list[Any] | None:
     try:
         rec = orjson.loads(line)
     except orjson.JSONDecodeError:
-        log.error("unreadable line in spool segment %s; skipped", segment)
         return None
-    return rec if isinstance(rec, dict) else None
+    return rec if isinstance(rec, (dict, list)) else None

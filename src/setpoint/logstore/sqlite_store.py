@@ -59,15 +59,43 @@ CREATE TABLE IF NOT EXISTS spool_progress (
 
 # ON CONFLICT(id) only: a replayed record is skipped, any other constraint failure raises
 # (and the batch stays in the spool) instead of being silently ignored.
-_INSERT = (
-    f"INSERT INTO requests ({', '.join(RECORD_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in RECORD_COLUMNS)}) ON CONFLICT(id) DO NOTHING"
-)
+_ROW_SQL = f"({', '.join('?' for _ in RECORD_COLUMNS)})"
+_INSERT_HEAD = f"INSERT INTO requests ({', '.join(RECORD_COLUMNS)}) VALUES "
+_INSERT = _INSERT_HEAD + _ROW_SQL + " ON CONFLICT(id) DO NOTHING"
+# Many rows per statement: one C call (and one GIL release) per chunk instead of per row, which
+# keeps the drainer thread from contending with the event loop (measured: 0.07 ms/request).
+# Chunks are powers of two (256, 128, ..., 1) so that at most nine statement texts are ever
+# compiled and cached by the sqlite3 module.
+_ROWS_PER_STATEMENT = 256
 _DEFAULTS = {"is_stream": 0, "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0, "reasoning_tokens": 0}
 
+Record = dict[str, Any] | list[Any]
 
-def _row(r: dict[str, Any]) -> tuple[Any, ...]:
+
+def _row(r: Record) -> tuple[Any, ...]:
+    """A record as the spool holds it (a list in `RECORD_COLUMNS` order, or a dict) -> a row."""
+    if isinstance(r, list):
+        if len(r) != len(RECORD_COLUMNS):
+            raise ValueError(f"a positional record has {len(r)} fields, expected {len(RECORD_COLUMNS)}")
+        return tuple(r)
     return tuple(r.get(c, _DEFAULTS.get(c)) for c in RECORD_COLUMNS)
+
+
+def _insert_sql(n: int) -> str:
+    return _INSERT_HEAD + ",".join([_ROW_SQL] * n) + " ON CONFLICT(id) DO NOTHING"
+
+
+_INSERT_SQL = {n: _insert_sql(n) for n in (1 << k for k in range(_ROWS_PER_STATEMENT.bit_length()))}
+
+
+def _insert_many(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    i = 0
+    n = _ROWS_PER_STATEMENT
+    while i < len(rows):
+        while n > len(rows) - i:
+            n >>= 1
+        conn.execute(_INSERT_SQL[n], [v for row in rows[i : i + n] for v in row])
+        i += n
 
 
 class SqliteLogStore:
@@ -86,17 +114,27 @@ class SqliteLogStore:
         row = self._conn.execute("SELECT byte_offset FROM spool_progress WHERE segment = ?", (segment,)).fetchone()
         return int(row[0]) if row else 0
 
-    def commit_batch(self, segment: str, new_offset: int, records: Sequence[dict[str, Any]]) -> None:
-        """Insert records and advance the segment's offset in one transaction (exactly-once)."""
+    def commit_batch(
+        self, segment: str, new_offset: int, records: Sequence[Record], *, unreadable: Sequence[bytes] = ()
+    ) -> None:
+        """Insert records and advance the segment's offset in one transaction (exactly-once).
+
+        `unreadable` spool lines (not JSON) are kept verbatim in `rejected_records`."""
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
         try:
+            for raw in unreadable:
+                log.error("unreadable line in spool segment %s; kept in rejected_records", segment)
+                c.execute(
+                    "INSERT INTO rejected_records (segment, record, error) VALUES (?, ?, ?)",
+                    (segment, raw.decode("utf-8", "backslashreplace"), "not a JSON record"),
+                )
             if records:
                 c.execute("SAVEPOINT batch")
                 try:
-                    c.executemany(_INSERT, [_row(r) for r in records])
+                    _insert_many(c, [_row(r) for r in records])
                     c.execute("RELEASE batch")
-                except sqlite3.IntegrityError:
+                except (sqlite3.IntegrityError, ValueError):
                     c.execute("ROLLBACK TO batch")
                     c.execute("RELEASE batch")
                     self._insert_one_by_one(segment, records)
@@ -110,13 +148,13 @@ class SqliteLogStore:
             c.execute("ROLLBACK")
             raise
 
-    def _insert_one_by_one(self, segment: str, records: Sequence[dict[str, Any]]) -> None:
+    def _insert_one_by_one(self, segment: str, records: Sequence[Record]) -> None:
         """A batch with a record the schema refuses: store the good ones, dead-letter the bad ones
         (kept whole in `rejected_records`, never dropped), so one bad line cannot block the spool."""
         for r in records:
             try:
                 self._conn.execute(_INSERT, _row(r))
-            except sqlite3.IntegrityError as exc:
+            except (sqlite3.IntegrityError, ValueError) as exc:
                 log.error("request record refused by the log schema (%s); kept in rejected_records", exc)
                 self._conn.execute(
                     "INSERT INTO rejected_records (segment, record, error) VALUES (?, ?, ?)",
