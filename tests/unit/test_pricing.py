@@ -16,7 +16,7 @@ def usage(prompt: int = 0, completion: int = 0, cached: int = 0) -> Usage:
 
 def test_per_mtok_converts_to_integer_pico() -> None:
     p = Pricing.per_mtok(2.50, 10.0, 1.25)
-    assert p == Pricing(input_pico=2_500_000, cached_input_pico=1_250_000, output_pico=10_000_000)
+    assert p == Pricing(input_pico=2_500_000, cached_input_pico=1_250_000, output_pico=10_000_000, reasoning_pico=10_000_000)
     assert all(type(v) is int for v in (p.input_pico, p.cached_input_pico, p.output_pico))
 
 
@@ -105,3 +105,17 @@ def test_pricing_is_frozen() -> None:
     p = Pricing.per_mtok(1.0, 1.0)
     with pytest.raises(AttributeError):
         p.input_pico = 0  # type: ignore[misc]
+
+
+def test_reasoning_tokens_are_part_of_completion_and_priced_on_their_own() -> None:
+    p = Pricing.per_mtok(1.0, 10.0, reasoning_usd=20.0)
+    # 100 completion tokens of which 40 are reasoning: 60 x 10 + 40 x 20 = 1400 micro-dollars
+    assert p.cost_micros(Usage(prompt_tokens=0, completion_tokens=100, reasoning_tokens=40)) == 1400
+    assert Pricing.per_mtok(1.0, 10.0).cost_micros(Usage(completion_tokens=100, reasoning_tokens=40)) == 1000
+
+
+def test_ceil_micros_never_rounds_down() -> None:
+    p = Pricing.per_mtok(0.15, 0.60)
+    assert p.ceil_micros(1, 0) == 1  # 0.15 micro-dollars -> 1
+    assert p.ceil_micros(0, 0) == 0
+    assert p.ceil_micros(10, 10) == 8  # 1.5 + 6.0 = 7.5 -> 8

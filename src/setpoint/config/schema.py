@@ -10,7 +10,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
+    "AccountingConfig",
     "AdminConfig",
+    "BudgetConfig",
+    "EstimateConfig",
     "DeploymentConfig",
     "FaultsConfig",
     "KeyConfig",
@@ -21,9 +24,11 @@ __all__ = [
     "OutputLengthConfig",
     "PricingConfig",
     "ProviderConfig",
+    "RateLimitConfig",
     "RootConfig",
     "ServerConfig",
     "SimulatedProviderConfig",
+    "StateConfig",
     "TimeoutsConfig",
 ]
 
@@ -105,8 +110,9 @@ class PricingConfig(_Strict):
     """USD per one million tokens."""
 
     input_per_mtok: float = Field(0.0, ge=0)
-    cached_input_per_mtok: float | None = Field(None, ge=0)
+    cached_input_per_mtok: float | None = Field(None, ge=0, description="default: the input price")
     output_per_mtok: float = Field(0.0, ge=0)
+    reasoning_per_mtok: float | None = Field(None, ge=0, description="default: the output price")
 
 
 class DeploymentConfig(_Strict):
@@ -121,6 +127,66 @@ class DeploymentConfig(_Strict):
 class ModelConfig(_Strict):
     deployments: list[DeploymentConfig] = Field(min_length=1)
     kind: Literal["chat", "embedding"] = "chat"
+    max_output_tokens: int = Field(
+        4096, ge=1, description="worst-case output when a request sets no max_tokens (budget reservations)"
+    )
+
+
+class StateConfig(_Strict):
+    """Where shared limit and budget state lives."""
+
+    url: str = Field("memory://", description="memory:// | sqlite:///path.db (relative to data_dir) | redis://host:port/db")
+    timeout_s: float = Field(0.5, gt=0, description="per operation; past it the store counts as unavailable")
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if not v.startswith(("memory://", "sqlite://", "redis://", "rediss://", "unix://")):
+            raise ValueError("must start with memory://, sqlite://, redis://, rediss:// or unix://")
+        return v
+
+
+class EstimateConfig(_Strict):
+    """How output tokens are estimated before a call (TPM reservations, stream budget holds)."""
+
+    default_output_tokens: int = Field(256, ge=1, description="until a key/model has history")
+    quantile: float = Field(0.95, gt=0, le=1)
+    window: int = Field(200, ge=1, description="recent outputs remembered per key and model")
+
+
+class AccountingConfig(_Strict):
+    prices: dict[str, PricingConfig] = Field(
+        default_factory=dict, description="per upstream model name; overrides the shipped price table"
+    )
+    estimate: EstimateConfig = EstimateConfig()
+
+
+StoreFailure = Literal["open", "closed"]
+
+
+class RateLimitConfig(_Strict):
+    """Requests and tokens per minute for each entity of a scope (or one named entity)."""
+
+    scope: Literal["key", "team", "user", "model", "deployment"]
+    name: str | None = Field(None, description="only this key/team/user/model/deployment; default: each one")
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1, description="input + output tokens per minute")
+    input_tpm: int | None = Field(None, ge=1)
+    output_tpm: int | None = Field(None, ge=1)
+    on_store_error: StoreFailure = "open"
+
+
+class BudgetConfig(_Strict):
+    """A money budget for each entity of a scope (or one named entity), per period."""
+
+    scope: Literal["key", "team", "user", "run"]
+    name: str | None = None
+    period: Literal["total", "daily", "monthly"] = "monthly"
+    limit_usd: float = Field(gt=0)
+    hard: bool = Field(True, description="hard: refuse and cut streams; soft: record an alert only")
+    on_store_error: StoreFailure | None = Field(None, description="default: closed for hard, open for soft")
+    degrade_to: str | None = Field(None, description="model alias to use when the remaining budget is low")
+    degrade_below: float = Field(0.1, gt=0, lt=1, description="fraction of the limit under which degrade_to applies")
 
 
 class KeyConfig(_Strict):
@@ -165,9 +231,13 @@ class RootConfig(_Strict):
     server: ServerConfig = ServerConfig()
     admin: AdminConfig = AdminConfig()
     logging: LoggingConfig = LoggingConfig()
+    state: StateConfig = StateConfig()
+    accounting: AccountingConfig = AccountingConfig()
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     keys: list[KeyConfig] = Field(default_factory=list)
+    rate_limits: list[RateLimitConfig] = Field(default_factory=list)
+    budgets: list[BudgetConfig] = Field(default_factory=list)
 
     @field_validator("providers", "models")
     @classmethod

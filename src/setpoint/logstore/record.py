@@ -13,7 +13,6 @@ __all__ = ["build_record"]
 
 def build_record(ctx: RequestContext, latency_ms: float, *, store_content: bool) -> dict[str, Any]:
     key, dep, usage = ctx.key, ctx.deployment, ctx.usage
-    cost = dep.pricing.cost_micros(usage) if dep is not None and dep.pricing is not None else None
     rec: dict[str, Any] = {
         "id": ctx.request_id,
         "ts": ctx.started_at,
@@ -32,7 +31,7 @@ def build_record(ctx: RequestContext, latency_ms: float, *, store_content: bool)
         "completion_tokens": usage.completion_tokens,
         "cached_tokens": usage.cached_tokens,
         "reasoning_tokens": usage.reasoning_tokens,
-        "cost_micros": cost,
+        "cost_micros": ctx.cost_micros,
         "latency_ms": round(latency_ms, 3),
         "ttft_ms": None if ctx.ttft_ms is None else round(ctx.ttft_ms, 3),
         "upstream_ms": None if ctx.upstream_ms is None else round(ctx.upstream_ms, 3),

@@ -23,7 +23,7 @@ def upstream_body(ctx: RequestContext, dep: Deployment) -> tuple[dict[str, Any],
         inject_usage = not (isinstance(opts, dict) and opts.get("include_usage") is True)
         # When the client did not ask for usage, ask anyway (for accounting); the relay hides it.
         ctx.annotations["usage_injected"] = inject_usage
-    if not inject_usage and not dep.extra_body and ctx.body.get("model") == dep.upstream_model:
+    if not (inject_usage or dep.extra_body or ctx.is_body_modified) and ctx.body.get("model") == dep.upstream_model:
         return ctx.body, ctx.raw
     body = dict(ctx.body)
     if dep.extra_body:
@@ -37,9 +37,8 @@ def upstream_body(ctx: RequestContext, dep: Deployment) -> tuple[dict[str, Any],
 
 def build_upstream_terminal(path: str, clock: Clock) -> Next:
     async def call_upstream(ctx: RequestContext) -> Reply:
-        assert ctx.route is not None
-        dep = ctx.route.deployments[0]
-        ctx.deployment = dep
+        dep = ctx.deployment
+        assert dep is not None
         body, raw = upstream_body(ctx, dep)
         call = UpstreamCall(path=path, body=body, is_stream=ctx.is_stream, request_id=ctx.request_id, raw=raw)
         t0 = ctx.upstream_started = clock.monotonic()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from setpoint.types import Usage
 
@@ -12,7 +12,16 @@ if TYPE_CHECKING:
     from setpoint.keys.model import KeyInfo
     from setpoint.models import Deployment, ModelRoute
 
-__all__ = ["RequestContext"]
+__all__ = ["Finalizer", "RequestContext", "StreamGuard"]
+
+
+class StreamGuard(Protocol):
+    """Called by the stream relay as output arrives, before it is forwarded; raising cuts the stream."""
+
+    async def on_output(self, ctx: RequestContext, output_tokens: int) -> None: ...
+
+
+Finalizer = Callable[["RequestContext"], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -38,4 +47,10 @@ class RequestContext:
     upstream_started: float | None = None  # monotonic seconds
     finish_reason: str | None = None
     output_text: list[str] | None = None  # collected only when content logging is on
+    run_id: str | None = None
+    cost_micros: int | None = None  # set once usage is final
+    is_body_modified: bool = False  # a stage changed `body`: it must be re-serialised upstream
+    stream_guard: StreamGuard | None = None
+    finalizers: list[Finalizer] = field(default_factory=list)  # run once, when the request ends
+    response_headers: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, Any] = field(default_factory=dict)

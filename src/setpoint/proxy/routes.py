@@ -6,12 +6,13 @@ import asyncio
 import itertools
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
 
+from setpoint.accounting.usage_fallback import fill_missing_usage, unary_output_text
 from setpoint.errors import (
     InternalError,
     ModelNotFoundError,
@@ -79,10 +80,24 @@ class ApiHandlers:
         self._store_content = gw.runtime.config.logging.store_content
         self._new_id = _RequestIds()
 
-    def _record(self, ctx: RequestContext) -> None:
+    async def _complete(self, ctx: RequestContext, outputs: Callable[[], list[str]] | None = None) -> None:
+        """End of every request, exactly once, before the client sees its end: settle usage and
+        cost, run the stages' finalizers (budget and limit settlement), spool the record."""
+        if ctx.annotations.get("recorded"):
+            return
+        ctx.annotations["recorded"] = True
+        if not ctx.usage.is_reported and ctx.upstream_started is not None and outputs is not None:
+            fill_missing_usage(ctx, outputs())
+        dep = ctx.deployment
+        if dep is not None and dep.pricing is not None:
+            ctx.cost_micros = dep.pricing.cost_micros(ctx.usage)
+        for fin in ctx.finalizers:
+            try:
+                await fin(ctx)
+            except SetpointError as err:
+                log.warning("request %s: finalizer failed: %s", ctx.request_id, err.message)
         latency_ms = (self._clock.monotonic() - ctx.started_mono) * 1000
         self._gw.request_log.append(ctx, latency_ms)
-        ctx.annotations["recorded"] = True
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, "chat")
@@ -105,42 +120,53 @@ class ApiHandlers:
             if reply.stream is not None:
                 return await self._stream(request, ctx, reply)
             ctx.status = reply.status
-            self._record(ctx)
+            await self._complete(ctx, lambda: unary_output_text(reply.body))
             return web.Response(
                 status=reply.status, body=reply.body, content_type=_JSON,
-                headers={"x-request-id": ctx.request_id, **reply.headers},
+                headers={"x-request-id": ctx.request_id, **ctx.response_headers, **reply.headers},
             )
         except SetpointError as err:
-            return self._fail(ctx, err)
+            return await self._fail(ctx, err)
         except asyncio.CancelledError:
             if not ctx.annotations.get("recorded"):
                 ctx.status, ctx.error_code = 499, "client_disconnected"
-                self._record(ctx)
+                await self._complete(ctx)
             raise
         except Exception:  # the outermost boundary: log it, answer 500 without internals
             log.exception("unhandled error in request %s", ctx.request_id)
-            return self._fail(ctx, InternalError("internal error; see the gateway log for request " + ctx.request_id))
+            return await self._fail(ctx, InternalError("internal error; see the gateway log for request " + ctx.request_id))
 
-    def _fail(self, ctx: RequestContext, err: SetpointError) -> web.Response:
+    async def _fail(self, ctx: RequestContext, err: SetpointError) -> web.Response:
         ctx.status, ctx.error_code = err.status, err.wire_code
-        self._record(ctx)
-        return error_response(err, ctx.request_id)
+        await self._complete(ctx)
+        resp = error_response(err, ctx.request_id)
+        resp.headers.update(ctx.response_headers)
+        resp.headers.update(err.headers())
+        return resp
 
     async def _stream(self, request: web.Request, ctx: RequestContext, reply: Reply) -> web.StreamResponse:
         assert reply.stream is not None
         upstream = reply.stream
         relay = StreamRelay(ctx, self._clock)
         chunks: AsyncIterator[bytes] = aiter(upstream)
+        guard = ctx.stream_guard
         try:
             # Read the first chunk before committing to a 200: a failure here is still a clean error.
             first = relay.feed(await anext(chunks))
+            if guard is not None:
+                await guard.on_output(ctx, relay.output_tokens)
         except StopAsyncIteration:
             await upstream.aclose()
-            return self._fail(ctx, _empty_stream_error(ctx))
+            return await self._fail(ctx, _empty_stream_error(ctx))
+        except SetpointError as err:
+            await upstream.aclose()
+            return await self._fail_stream(ctx, relay, err)
         except BaseException:
             await upstream.aclose()
             raise
-        resp = web.StreamResponse(status=200, headers={**_SSE_HEADERS, "x-request-id": ctx.request_id})
+        resp = web.StreamResponse(
+            status=200, headers={**_SSE_HEADERS, "x-request-id": ctx.request_id, **ctx.response_headers}
+        )
         failure: SetpointError | None = None
         client_gone = False
         try:
@@ -149,6 +175,8 @@ class ApiHandlers:
                 await resp.write(first)
             async for chunk in chunks:
                 out = relay.feed(chunk)
+                if guard is not None:
+                    await guard.on_output(ctx, relay.output_tokens)  # may cut the stream here
                 if out:
                     await resp.write(out)
             relay.finish()
@@ -157,29 +185,36 @@ class ApiHandlers:
         except (ConnectionResetError, asyncio.CancelledError) as exc:
             client_gone = True
             if isinstance(exc, asyncio.CancelledError):
-                ctx.status, ctx.error_code = 499, "client_disconnected"
-                self._finish_stream_record(ctx)
+                await upstream.aclose()
+                await self._complete_stream(ctx, relay, 499, "client_disconnected")
                 raise
         finally:
             await upstream.aclose()  # cancels the upstream request if it is still running
         if client_gone:
-            ctx.status, ctx.error_code = 499, "client_disconnected"
-            self._finish_stream_record(ctx)
+            # Billed for what was generated (counted if the upstream never sent usage).
+            await self._complete_stream(ctx, relay, 499, "client_disconnected")
             return resp
         if failure is not None:
-            ctx.status, ctx.error_code = failure.status, failure.wire_code
-            self._finish_stream_record(ctx)
+            await self._complete_stream(ctx, relay, failure.status, failure.wire_code)
             await _write_quietly(resp, error_event(failure))  # an explicit error, never a clean [DONE]
         else:
-            ctx.status = 200
-            self._finish_stream_record(ctx)
+            await self._complete_stream(ctx, relay, 200, None)
             await _write_quietly(resp, _DONE_EVENT)
         return resp
 
-    def _finish_stream_record(self, ctx: RequestContext) -> None:
+    async def _fail_stream(self, ctx: RequestContext, relay: StreamRelay, err: SetpointError) -> web.Response:
+        """A stream that failed before its first byte reached the client: a plain JSON error."""
+        ctx.status, ctx.error_code = err.status, err.wire_code
+        await self._complete_stream(ctx, relay, err.status, err.wire_code)
+        resp = error_response(err, ctx.request_id)
+        resp.headers.update(ctx.response_headers)
+        return resp
+
+    async def _complete_stream(self, ctx: RequestContext, relay: StreamRelay, status: int, code: str | None) -> None:
+        ctx.status, ctx.error_code = status, code
         if ctx.upstream_started is not None:
             ctx.upstream_ms = (self._clock.monotonic() - ctx.upstream_started) * 1000
-        self._record(ctx)
+        await self._complete(ctx, relay.generated_text)
 
     async def models(self, request: web.Request) -> web.Response:
         try:

@@ -12,6 +12,8 @@ from typing import Any
 
 import orjson
 
+from setpoint.accounting.tokens import count_text
+from setpoint.accounting.usage_fallback import stream_delta_text
 from setpoint.clock import Clock
 from setpoint.errors import ProviderResponseError
 from setpoint.proxy.context import RequestContext
@@ -23,7 +25,7 @@ _SEP = b"\n\n"
 
 
 class StreamRelay:
-    __slots__ = ("_ctx", "_clock", "_framer", "_hide_usage", "_provider", "is_done")
+    __slots__ = ("_clock", "_count", "_ctx", "_framer", "_hide_usage", "_provider", "is_done", "output_tokens", "payloads")
 
     def __init__(self, ctx: RequestContext, clock: Clock) -> None:
         self._ctx = ctx
@@ -31,7 +33,14 @@ class StreamRelay:
         self._framer = SSEFramer()
         self._hide_usage = bool(ctx.annotations.get("usage_injected"))
         self._provider = ctx.deployment.provider.name if ctx.deployment else "upstream"
+        self._count = ctx.stream_guard is not None  # count output as it arrives (budget holds)
         self.is_done = False
+        self.output_tokens = 0  # gateway-counted, only when a guard needs it
+        self.payloads: list[bytes] = []  # kept (unparsed) in case the upstream never reports usage
+
+    def generated_text(self) -> list[str]:
+        """What the upstream generated so far (parsed only when usage is missing)."""
+        return [stream_delta_text(p) for p in self.payloads]
 
     def feed(self, chunk: bytes) -> bytes:
         """Bytes to send to the client for this upstream chunk (may be empty)."""
@@ -45,6 +54,9 @@ class StreamRelay:
             if event.startswith(b"data: {") and b"\n" not in event:
                 # The common case: one single-line JSON payload. Parse only if accounting needs it.
                 data = event[6:]
+                self.payloads.append(data)
+                if self._count:
+                    self.output_tokens += count_text(stream_delta_text(data))
                 if (
                     self._ctx.output_text is None
                     and b'"usage"' not in data
@@ -65,6 +77,9 @@ class StreamRelay:
                 continue
             if not data.startswith(b"{"):
                 raise ProviderResponseError(f"upstream {self._provider} sent a stream event that is not JSON")
+            self.payloads.append(data)
+            if self._count:
+                self.output_tokens += count_text(stream_delta_text(data))
             if self._inspect(data):
                 kept.append(event)
         if not kept:

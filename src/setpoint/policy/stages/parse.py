@@ -29,4 +29,6 @@ class ParseStage:
             raise InvalidRequestError("this endpoint does not support streaming", param="stream")
         user = ctx.headers.get("x-setpoint-user") or body.get("user")
         ctx.user = user if isinstance(user, str) and user else (ctx.key.user if ctx.key else None)
+        run_id = ctx.headers.get("x-setpoint-run-id")
+        ctx.run_id = run_id[:200] if run_id else None
         return await call_next(ctx)

@@ -31,5 +31,6 @@ class RouteStage:
                 f"model '{ctx.model}' is an {route.kind} model and cannot serve this endpoint", param="model"
             )
         ctx.route = route
-        ctx.annotations["route"] = route.deployments[0].name
+        ctx.deployment = route.deployments[0]
+        ctx.annotations["route"] = ctx.deployment.name
         return await call_next(ctx)
