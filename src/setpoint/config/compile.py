@@ -8,13 +8,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from setpoint.accounting.estimator import OutputEstimator
+from setpoint.accounting.price_table import PriceTable
 from setpoint.clock import Clock, RealClock
 from setpoint.config.schema import RootConfig
 from setpoint.errors import ConfigError
 from setpoint.keys.model import KeyInfo, hash_key
 from setpoint.models import Deployment, ModelRoute
-from setpoint.pricing import Pricing
 from setpoint.providers.registry import build_provider
+from setpoint.state.base import StateStore
+from setpoint.state.factory import state_from_url
 from setpoint.types import Provider
 
 __all__ = ["Runtime", "compile_config"]
@@ -27,6 +30,8 @@ class Runtime:
     data_dir: Path
     providers: dict[str, Provider]
     routes: dict[str, ModelRoute]
+    state: StateStore
+    estimator: OutputEstimator
     static_keys: dict[str, KeyInfo] = field(default_factory=dict)  # secret hash -> key
 
     @property
@@ -40,6 +45,7 @@ def compile_config(root: RootConfig, clock: Clock | None = None, base_dir: Path 
     problems: list[str] = []
     providers = {name: build_provider(name, cfg, clk) for name, cfg in root.providers.items()}
     routes: dict[str, ModelRoute] = {}
+    prices = PriceTable(root.accounting.prices)
     for alias, mcfg in root.models.items():
         deps: list[Deployment] = []
         for i, d in enumerate(mcfg.deployments):
@@ -49,11 +55,7 @@ def compile_config(root: RootConfig, clock: Clock | None = None, base_dir: Path 
                 problems.append(f"models.{alias}.deployments[{i}].provider: unknown provider '{d.provider}' (known: {known})")
                 continue
             pcfg = root.providers[d.provider]
-            pricing = (
-                Pricing.per_mtok(d.pricing.input_per_mtok, d.pricing.output_per_mtok, d.pricing.cached_input_per_mtok)
-                if d.pricing is not None
-                else None
-            )
+            pricing = prices.lookup(d.model, d.pricing)
             deps.append(
                 Deployment(
                     name=f"{d.provider}/{d.model}", provider=provider, upstream_model=d.model, pricing=pricing,
@@ -79,9 +81,23 @@ def compile_config(root: RootConfig, clock: Clock | None = None, base_dir: Path 
             id=f"cfg:{k.name}", name=k.name, team=k.team, user=k.user,
             models=None if "*" in k.models else frozenset(k.models), metadata=dict(k.metadata), hint=k.key[:6] + "…",
         )
+    for i, b in enumerate(root.budgets):
+        if b.degrade_to is not None and b.degrade_to not in root.models:
+            problems.append(f"budgets[{i}].degrade_to: unknown model '{b.degrade_to}'")
+    for i, r in enumerate(root.rate_limits):
+        if not (r.rpm or r.tpm or r.input_tpm or r.output_tpm):
+            problems.append(f"rate_limits[{i}]: set at least one of rpm, tpm, input_tpm, output_tpm")
+        if r.scope == "model" and r.name is not None and r.name not in root.models:
+            problems.append(f"rate_limits[{i}].name: unknown model '{r.name}'")
     if problems:
         raise ConfigError("invalid config", problems=problems)
     data_dir = Path(root.data_dir)
     if not data_dir.is_absolute() and base_dir is not None:
         data_dir = base_dir / data_dir
-    return Runtime(config=root, clock=clk, data_dir=data_dir, providers=providers, routes=routes, static_keys=static)
+    est = root.accounting.estimate
+    return Runtime(
+        config=root, clock=clk, data_dir=data_dir, providers=providers, routes=routes,
+        state=state_from_url(root.state.url, data_dir, root.state.timeout_s),
+        estimator=OutputEstimator(est.default_output_tokens, est.quantile, est.window),
+        static_keys=static,
+    )

@@ -2,29 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-from setpoint.clock import Clock
-from setpoint.models import ModelRoute
+from setpoint.config.compile import Runtime
 from setpoint.policy.stage import compose
 from setpoint.policy.stages.auth import AuthStage
+from setpoint.policy.stages.budget import BudgetStage
 from setpoint.policy.stages.parse import ParseStage
+from setpoint.policy.stages.rate_limit import RateLimitStage
 from setpoint.policy.stages.route import RouteStage
 from setpoint.policy.upstream import build_upstream_terminal
-from setpoint.types import Next
+from setpoint.types import Next, Stage
 from setpoint.wire.request import parse_chat, parse_embeddings
 
 __all__ = ["build_pipelines"]
 
 
-def build_pipelines(auth: AuthStage, routes: Mapping[str, ModelRoute], clock: Clock) -> dict[str, Next]:
+def build_pipelines(auth: AuthStage, runtime: Runtime) -> dict[str, Next]:
+    """auth -> parse -> route -> rate_limit -> budget -> upstream; stages without rules are left out."""
+    cfg, clock, routes = runtime.config, runtime.clock, runtime.routes
+    policy: list[Stage] = []
+    if cfg.rate_limits:
+        policy.append(RateLimitStage(cfg.rate_limits, runtime.state, clock, runtime.estimator))
+    if cfg.budgets:
+        max_output = {alias: m.max_output_tokens for alias, m in cfg.models.items()}
+        policy.append(BudgetStage(cfg.budgets, runtime.state, clock, runtime.estimator, routes, max_output))
     return {
         "chat": compose(
-            [auth, ParseStage(parse_chat, allow_stream=True), RouteStage(routes, "chat")],
+            [auth, ParseStage(parse_chat, allow_stream=True), RouteStage(routes, "chat"), *policy],
             build_upstream_terminal("/chat/completions", clock),
         ),
         "embeddings": compose(
-            [auth, ParseStage(parse_embeddings, allow_stream=False), RouteStage(routes, "embedding")],
+            [auth, ParseStage(parse_embeddings, allow_stream=False), RouteStage(routes, "embedding"), *policy],
             build_upstream_terminal("/embeddings", clock),
         ),
     }

@@ -49,6 +49,7 @@ class RequestContext:
     output_text: list[str] | None = None  # collected only when content logging is on
     run_id: str | None = None
     cost_micros: int | None = None  # set once usage is final
+    is_recorded: bool = False
     is_body_modified: bool = False  # a stage changed `body`: it must be re-serialised upstream
     stream_guard: StreamGuard | None = None
     finalizers: list[Finalizer] = field(default_factory=list)  # run once, when the request ends

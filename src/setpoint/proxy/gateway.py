@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
+
+from setpoint.accounting.tokens import preload as preload_tokenizer
 
 from setpoint.config.compile import Runtime
 from setpoint.errors import MethodNotAllowedError, NotFoundError
@@ -31,16 +35,21 @@ class Gateway:
             runtime.data_dir, store_content=cfg.logging.store_content, batch_size=cfg.logging.batch_size,
             interval_s=cfg.logging.flush_interval_ms / 1000, segment_bytes=cfg.logging.spool_segment_bytes,
         )
-        self.pipelines = build_pipelines(self.auth_stage, runtime.routes, runtime.clock)
+        self.pipelines = build_pipelines(self.auth_stage, runtime)
 
     async def start(self) -> None:
         self.request_log.start()
+        await self.runtime.state.start()
+        cfg = self.runtime.config
+        if cfg.budgets or any(r.tpm or r.input_tpm or r.output_tpm for r in cfg.rate_limits):
+            await asyncio.to_thread(preload_tokenizer)  # counted on the request path: load it now
         for p in self.runtime.providers.values():
             await p.start()
 
     async def stop(self) -> None:
         for p in self.runtime.providers.values():
             await p.aclose()
+        await self.runtime.state.aclose()
         self.request_log.stop()
 
 

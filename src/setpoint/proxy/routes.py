@@ -83,9 +83,9 @@ class ApiHandlers:
     async def _complete(self, ctx: RequestContext, outputs: Callable[[], list[str]] | None = None) -> None:
         """End of every request, exactly once, before the client sees its end: settle usage and
         cost, run the stages' finalizers (budget and limit settlement), spool the record."""
-        if ctx.annotations.get("recorded"):
+        if ctx.is_recorded:
             return
-        ctx.annotations["recorded"] = True
+        ctx.is_recorded = True
         if not ctx.usage.is_reported and ctx.upstream_started is not None and outputs is not None:
             fill_missing_usage(ctx, outputs())
         dep = ctx.deployment
@@ -128,7 +128,7 @@ class ApiHandlers:
         except SetpointError as err:
             return await self._fail(ctx, err)
         except asyncio.CancelledError:
-            if not ctx.annotations.get("recorded"):
+            if not ctx.is_recorded:
                 ctx.status, ctx.error_code = 499, "client_disconnected"
                 await self._complete(ctx)
             raise
