@@ -7,6 +7,8 @@ tree; then prints a markdown table. Auth and request logging are on for setpoint
 key; records go through the spool into SQLite).
 
 usage: bench/run_bench.py [--secs 10] [--systems setpoint-w1,setpoint-w2,pyfloor,tensorzero]
+       systems also: setpoint-w1-limits (rate limits + budgets, memory state),
+                     setpoint-w1-limits-redis, setpoint-w2-limits-redis (state in a local redis-server)
                           [--modes json,stream,delay] [--conns "1 16 64"] [--delay-conns 256]
 Modes: json = fast JSON mock, stream = fast SSE mock, delay = JSON after 100 ms.
 Needs: nginx, wrk, libnginx-mod-http-echo (installed with apt-get if missing, as root).
@@ -30,7 +32,19 @@ HERE = Path(__file__).resolve().parent
 HARNESS = HERE / "harness"
 BENCH_DIR = Path(os.environ.get("SETPOINT_BENCH_DIR", "/tmp/setpoint-bench"))
 KEY = "sk-bench-0123456789abcdef"
-PORTS = {"setpoint-w1": 18200, "setpoint-w2": 18201, "pyfloor": 18100}
+PORTS = {"setpoint-w1": 18200, "setpoint-w2": 18201, "setpoint-w1-limits": 18202, "setpoint-w1-limits-redis": 18203,
+         "setpoint-w2-limits-redis": 18204, "pyfloor": 18100}
+REDIS_PORT = 18379
+# Limits and budgets on, sized so they never refuse during a run: every request still pays for the
+# atomic take/reserve and the settle.
+POLICY = """state: {{url: "{state}"}}
+rate_limits:
+  - {{scope: key, rpm: 100000000, tpm: 1000000000}}
+  - {{scope: model, rpm: 100000000}}
+budgets:
+  - {{scope: team, period: daily, limit_usd: 1000000000}}
+  - {{scope: key, period: monthly, limit_usd: 1000000000}}
+"""
 UPSTREAM = {"json": 18080, "stream": 18081, "delay": 18082}
 MODEL = {"json": "gpt-4o-mini", "stream": "gpt-4o-mini-stream", "delay": "gpt-4o-mini-slow"}
 
@@ -97,12 +111,25 @@ def wait_http(url: str, timeout_s: float = 30.0, headers: dict[str, str] | None 
     raise RuntimeError(f"{url} not ready after {timeout_s}s")
 
 
+def start_redis() -> subprocess.Popen[bytes]:
+    d = BENCH_DIR / "redis"
+    d.mkdir(parents=True, exist_ok=True)
+    p = subprocess.Popen(["redis-server", "--port", str(REDIS_PORT), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                          "--dir", str(d)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(0.5)
+    return p
+
+
 def start_setpoint(name: str, workers: int) -> tuple[subprocess.Popen[bytes], float]:
     d = BENCH_DIR / name
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     cfg = d / "setpoint.yaml"
-    cfg.write_text(CONFIG.format(data_dir=d / "data", port=PORTS[name], workers=workers, key=KEY))
+    text = CONFIG.format(data_dir=d / "data", port=PORTS[name], workers=workers, key=KEY)
+    if "-limits" in name:
+        state = f"redis://127.0.0.1:{REDIS_PORT}/0" if name.endswith("-redis") else "memory://"
+        text += POLICY.format(state=state)
+    cfg.write_text(text)
     exe = Path(sys.executable).with_name("setpoint")
     log = open(d / "serve.log", "wb")
     p = subprocess.Popen([str(exe), "serve", "--config", str(cfg)], stdout=log, stderr=log, start_new_session=True)
@@ -177,9 +204,11 @@ def main() -> None:
     startup: dict[str, float] = {}
     rows: list[dict] = []
     try:
+        if any(s.endswith("-redis") for s in systems):
+            procs["redis"] = start_redis()
         for s in systems:
             if s.startswith("setpoint"):
-                procs[s], startup[s] = start_setpoint(s, 2 if s.endswith("w2") else 1)
+                procs[s], startup[s] = start_setpoint(s, 2 if s.startswith("setpoint-w2") else 1)
                 urls[s] = f"http://127.0.0.1:{PORTS[s]}/v1/chat/completions"
                 envs[s] = {"AUTH": KEY}
             elif s == "pyfloor":

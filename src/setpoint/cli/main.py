@@ -127,6 +127,38 @@ def keys_revoke(config_path: str | None, key_id: str) -> None:
     click.echo(f"revoked {key_id}")
 
 
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False))
+@click.option("--by", type=click.Choice(["team", "key", "user", "model", "day"]), default="team", show_default=True)
+@click.option("--since", default=None, help="YYYY-MM-DD (UTC)")
+@click.option("--until", default=None, help="YYYY-MM-DD (UTC), exclusive")
+@click.option("--json", "as_json", is_flag=True, help="print JSON rows")
+def usage(config_path: str | None, by: str, since: str | None, until: str | None, as_json: bool) -> None:
+    """Spend and tokens from the request log, grouped."""
+    import orjson
+
+    from setpoint.errors import InvalidRequestError
+    from setpoint.logstore.usage import parse_day, usage_report
+
+    runtime = _or_exit(config_path)
+    try:
+        rows = usage_report(runtime.data_dir / "requests.db", by, parse_day(since, "since"), parse_day(until, "until"))
+    except InvalidRequestError as err:
+        click.echo(err.message, err=True)
+        sys.exit(2)
+    if as_json:
+        click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        return
+    header = f"{by:<24} {'requests':>9} {'errors':>7} {'prompt tok':>11} {'output tok':>11} {'cached tok':>11} {'cost $':>12}"
+    click.echo(header)
+    click.echo("-" * len(header))
+    for r in rows:
+        click.echo(f"{str(r['group'])[:24]:<24} {r['requests']:>9} {r['errors']:>7} {r['prompt_tokens']:>11} "
+                   f"{r['completion_tokens']:>11} {r['cached_tokens']:>11} {r['cost_micros'] / 1e6:>12.6f}")
+    total = sum(r["cost_micros"] for r in rows)
+    click.echo(f"\ntotal {total} micro-dollars (${total / 1e6:.6f})")
+
+
 @main.command("sim-provider")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=9100, show_default=True)

@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 
 from setpoint.errors import AuthenticationError, InvalidRequestError, NotFoundError, PermissionDeniedError, SetpointError
+from setpoint.logstore.usage import parse_day, usage_report
 from setpoint.proxy.routes import error_response, read_body
 from setpoint.wire.request import parse_json_object
 
@@ -79,6 +80,19 @@ class AdminHandlers:
             return error_response(err)
         return _json({"id": info.id, "key": secret, "name": info.name, "team": info.team, "user": info.user,
                       "models": sorted(info.models) if info.models else ["*"], "hint": info.hint}, status=201)
+
+    async def usage(self, request: web.Request) -> web.Response:
+        """GET /admin/usage?by=team|key|user|model|day&since=YYYY-MM-DD&until=YYYY-MM-DD"""
+        try:
+            self._check(request)
+            q = request.query
+            by = q.get("by", "team")
+            since, until = parse_day(q.get("since"), "since"), parse_day(q.get("until"), "until")
+            self._gw.request_log.flush(5.0)
+            rows = await asyncio.to_thread(usage_report, self._gw.request_log.db_path, by, since, until)
+        except SetpointError as err:
+            return error_response(err)
+        return _json({"object": "list", "by": by, "data": rows})
 
     async def revoke_key(self, request: web.Request) -> web.Response:
         try:

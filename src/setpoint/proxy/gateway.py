@@ -67,6 +67,7 @@ def build_app(gw: Gateway) -> web.Application:
     r.add_get("/admin/keys", admin.list_keys)
     r.add_post("/admin/keys", admin.create_key)
     r.add_delete("/admin/keys/{key_id}", admin.revoke_key)
+    r.add_get("/admin/usage", admin.usage)
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "spool_pending_bytes": gw.request_log.pending_bytes})

@@ -166,7 +166,8 @@ class BudgetStage:
         if pricing is None:
             ctx.annotations["budget"] = "unpriced"  # cost unknown: tracked as zero, never refused
             pricing = Pricing(0, 0, 0, 0)
-        prompt = count_prompt(ctx)
+        # Upstream tokenizers differ a little from ours: reserve the prompt with a margin.
+        prompt = count_prompt(ctx) * 11 // 10 + 8
         key_id = ctx.key.id if ctx.key else "-"
         wanted = requested_output_tokens(ctx)
         if ctx.endpoint == "embeddings":
