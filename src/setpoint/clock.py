@@ -10,6 +10,8 @@ import asyncio
 import heapq
 import itertools
 import time
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
 __all__ = ["Clock", "ManualClock", "RealClock"]
@@ -26,6 +28,10 @@ class Clock(Protocol):
 
     async def sleep(self, seconds: float) -> None: ...
 
+    def timeout(self, seconds: float | None) -> AbstractAsyncContextManager[None]:
+        """Raise `TimeoutError` if the block is still running after `seconds` (None: no limit)."""
+        ...
+
 
 class RealClock:
     __slots__ = ()
@@ -38,6 +44,9 @@ class RealClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+    def timeout(self, seconds: float | None) -> AbstractAsyncContextManager[None]:
+        return asyncio.timeout(seconds)
 
 
 class ManualClock:
@@ -62,6 +71,36 @@ class ManualClock:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (self._t + seconds, next(self._seq), fut))
         await fut
+
+    @asynccontextmanager
+    async def timeout(self, seconds: float | None) -> AsyncIterator[None]:
+        """Virtual-time timeout: when time is advanced past the deadline the block is cancelled."""
+        if seconds is None:
+            yield
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fired = False
+
+        def expire(_: asyncio.Future[None]) -> None:
+            nonlocal fired
+            if not fut.cancelled():
+                fired = True
+                task.cancel()
+
+        fut.add_done_callback(expire)
+        heapq.heappush(self._sleepers, (self._t + seconds, next(self._seq), fut))
+        try:
+            yield
+        except asyncio.CancelledError:
+            if fired:
+                task.uncancel()
+                raise TimeoutError from None
+            raise
+        finally:
+            if not fut.done():
+                fut.cancel()
 
     @property
     def pending(self) -> int:

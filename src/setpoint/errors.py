@@ -12,7 +12,8 @@ SetpointError
 │   ├── ProviderTimeoutError 504 · ProviderUnavailableError 503 · ProviderRateLimitedError 429
 │   ├── ProviderResponseError 502  (garbage: non-JSON, truncated, wrong content type)
 │   ├── ProviderRejectedError      (upstream 4xx relayed with its own status)
-│   └── CircuitOpenError 503 · AllCandidatesFailedError (status of the last underlying error)
+│   ├── CircuitOpenError 503 · OverloadedError 503 (shed by the gateway's overload control)
+│   └── AllCandidatesFailedError (status of the last underlying error)
 └── InternalError 500 · StateBackendError 503
 ```
 
@@ -39,6 +40,7 @@ __all__ = [
     "MethodNotAllowedError",
     "ModelNotFoundError",
     "NotFoundError",
+    "OverloadedError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "ProviderRateLimitedError",
@@ -224,6 +226,28 @@ class CircuitOpenError(UpstreamError):
     code = "circuit_open"
     is_retryable = True
 
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after_s is None else {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+class OverloadedError(UpstreamError):
+    """Shed by the gateway's own overload control: do not retry elsewhere right away."""
+
+    status_code = 503
+    code = "overloaded"
+    is_retryable = False
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after_s is None else {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
 
 class AllCandidatesFailedError(UpstreamError):
     code = "all_candidates_failed"
@@ -235,6 +259,14 @@ class AllCandidatesFailedError(UpstreamError):
     @property
     def status(self) -> int:
         return self.errors[-1].status if self.errors else self.status_code
+
+    @property
+    def wire_code(self) -> str:
+        """The last underlying error's code: what the client would have seen without retries."""
+        return self.errors[-1].wire_code if self.errors else self.code
+
+    def headers(self) -> dict[str, str]:
+        return self.errors[-1].headers() if self.errors else {}
 
 
 class InternalError(SetpointError):

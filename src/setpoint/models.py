@@ -19,6 +19,10 @@ class Deployment:
     pricing: Pricing | None = None
     extra_body: dict[str, Any] = field(default_factory=dict)
     supports_stream_usage: bool = True
+    weight: float = 1.0
+    context_window: int | None = None
+    ttft_timeout_s: float | None = None
+    idle_timeout_s: float | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -26,3 +30,6 @@ class ModelRoute:
     alias: str
     kind: str  # "chat" | "embedding"
     deployments: tuple[Deployment, ...]
+    strategy: str = "fallback"
+    degrade_to: str | None = None
+    degrade_priorities: frozenset[str] = frozenset({"default", "sheddable"})

@@ -14,6 +14,7 @@ from setpoint.errors import (
     AuthenticationError,
     BudgetExceededError,
     CircuitOpenError,
+    OverloadedError,
     ConfigError,
     InternalError,
     InvalidRequestError,
@@ -53,6 +54,7 @@ CONTRACT = [
     (ProviderResponseError, 502, "bad_upstream_response", "upstream_error", UpstreamError, False),
     (ProviderRejectedError, 502, "upstream_rejected", "invalid_request_error", UpstreamError, False),
     (CircuitOpenError, 503, "circuit_open", "upstream_error", UpstreamError, True),
+    (OverloadedError, 503, "overloaded", "upstream_error", UpstreamError, False),
     (AllCandidatesFailedError, 502, "all_candidates_failed", "upstream_error", UpstreamError, False),
     (InternalError, 500, "internal_error", "server_error", SetpointError, False),
     (StateBackendError, 503, "state_backend_unavailable", "server_error", SetpointError, True),
@@ -113,7 +115,7 @@ def test_branches() -> None:
         assert issubclass(cls, RequestError) and not issubclass(cls, UpstreamError)
         assert 400 <= cls.status_code < 500
     for cls in (ProviderTimeoutError, ProviderUnavailableError, ProviderRateLimitedError, ProviderResponseError,
-                ProviderRejectedError, CircuitOpenError, AllCandidatesFailedError):
+                ProviderRejectedError, CircuitOpenError, OverloadedError, AllCandidatesFailedError):
         assert issubclass(cls, UpstreamError) and not issubclass(cls, RequestError)
     assert RequestError.log_level == logging.INFO
     assert UpstreamError.log_level == logging.WARNING

@@ -61,10 +61,17 @@ def compile_config(root: RootConfig, clock: Clock | None = None, base_dir: Path 
                     name=f"{d.provider}/{d.model}", provider=provider, upstream_model=d.model, pricing=pricing,
                     extra_body=dict(d.extra_body),
                     supports_stream_usage=getattr(pcfg, "supports_stream_usage", True),
+                    weight=d.weight, context_window=d.context_window,
+                    ttft_timeout_s=pcfg.timeouts.ttft_s, idle_timeout_s=pcfg.timeouts.idle_s,
                 )
             )
         if deps:
-            routes[alias] = ModelRoute(alias=alias, kind=mcfg.kind, deployments=tuple(deps))
+            routes[alias] = ModelRoute(
+                alias=alias, kind=mcfg.kind, deployments=tuple(deps), strategy=mcfg.strategy,
+                degrade_to=mcfg.degrade_to, degrade_priorities=frozenset(mcfg.degrade_priorities),
+            )
+        if mcfg.degrade_to is not None and mcfg.degrade_to not in root.models:
+            problems.append(f"models.{alias}.degrade_to: unknown model '{mcfg.degrade_to}'")
     static: dict[str, KeyInfo] = {}
     names: set[str] = set()
     for i, k in enumerate(root.keys):
@@ -80,6 +87,7 @@ def compile_config(root: RootConfig, clock: Clock | None = None, base_dir: Path 
         static[digest] = KeyInfo(
             id=f"cfg:{k.name}", name=k.name, team=k.team, user=k.user,
             models=None if "*" in k.models else frozenset(k.models), metadata=dict(k.metadata), hint=k.key[:6] + "…",
+            priority=k.priority,
         )
     for i, b in enumerate(root.budgets):
         if b.degrade_to is not None and b.degrade_to not in root.models:

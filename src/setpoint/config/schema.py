@@ -12,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 __all__ = [
     "AccountingConfig",
     "AdminConfig",
+    "BreakerConfig",
     "BudgetConfig",
+    "ConcurrencyConfig",
     "EstimateConfig",
     "DeploymentConfig",
     "FaultsConfig",
@@ -25,6 +27,8 @@ __all__ = [
     "PricingConfig",
     "ProviderConfig",
     "RateLimitConfig",
+    "ResilienceConfig",
+    "RetryBudgetConfig",
     "RootConfig",
     "ServerConfig",
     "SimulatedProviderConfig",
@@ -41,6 +45,8 @@ class _Strict(BaseModel):
 
 class TimeoutsConfig(_Strict):
     connect_s: float = Field(5.0, gt=0)
+    ttft_s: float | None = Field(None, gt=0, description="time to the first byte of the answer")
+    idle_s: float | None = Field(None, gt=0, description="longest gap between two stream chunks")
     read_s: float = Field(600.0, gt=0, description="total time for one upstream call")
 
 
@@ -94,6 +100,7 @@ class SimulatedProviderConfig(_Strict):
     """The built-in deterministic, fault-injecting upstream (demo, tests, simulator)."""
 
     type: Literal["simulated"]
+    timeouts: TimeoutsConfig = TimeoutsConfig()
     seed: int = 0
     latency: LatencyConfig = LatencyConfig()
     output: OutputLengthConfig = OutputLengthConfig()
@@ -118,6 +125,8 @@ class PricingConfig(_Strict):
 class DeploymentConfig(_Strict):
     provider: str
     model: str = Field(description="model name sent upstream")
+    weight: float = Field(1.0, gt=0, description="share of traffic under the weighted strategy")
+    context_window: int | None = Field(None, ge=1, description="prompt + output tokens it accepts")
     pricing: PricingConfig | None = None
     extra_body: dict[str, object] = Field(
         default_factory=dict, description="fields merged into every upstream request body"
@@ -127,9 +136,53 @@ class DeploymentConfig(_Strict):
 class ModelConfig(_Strict):
     deployments: list[DeploymentConfig] = Field(min_length=1)
     kind: Literal["chat", "embedding"] = "chat"
+    strategy: Literal["fallback", "weighted", "least_latency", "least_busy", "cost"] = Field(
+        "fallback", description="order in which deployments are tried"
+    )
+    degrade_to: str | None = Field(
+        None, description="alias to use when every deployment's breaker is open or overloaded"
+    )
+    degrade_priorities: list[Literal["critical", "default", "sheddable"]] = Field(
+        default_factory=lambda: ["default", "sheddable"], description="priority classes that may be degraded"
+    )
     max_output_tokens: int = Field(
         4096, ge=1, description="worst-case output when a request sets no max_tokens (budget reservations)"
     )
+
+
+class RetryBudgetConfig(_Strict):
+    ratio: float = Field(0.2, ge=0, le=10, description="extra attempts allowed per client request")
+    min_per_s: float = Field(1.0, ge=0, description="floor so that a quiet gateway can still retry")
+    window_s: float = Field(10.0, gt=0)
+
+
+class BreakerConfig(_Strict):
+    window_s: float = Field(60.0, gt=0)
+    min_calls: int = Field(20, ge=1)
+    failure_rate: float = Field(0.5, gt=0, le=1)
+    slow_call_s: float | None = Field(None, gt=0, description="time to first token counted as slow")
+    slow_call_rate: float = Field(1.0, gt=0, le=1)
+    open_s: float = Field(30.0, gt=0)
+    half_open_probes: int = Field(3, ge=1)
+
+
+class ConcurrencyConfig(_Strict):
+    initial: int = Field(64, ge=1)
+    min_limit: int = Field(1, ge=1)
+    max_limit: int = Field(1024, ge=1)
+    queue: int = Field(256, ge=0, description="requests waiting per deployment")
+    queue_timeout_s: float = Field(10.0, ge=0)
+    ttft_target_s: float | None = Field(None, gt=0, description="slower first tokens lower the limit")
+
+
+class ResilienceConfig(_Strict):
+    max_attempts: int = Field(3, ge=1, le=10, description="per client request, across retries and fallbacks")
+    backoff_base_s: float = Field(0.1, ge=0)
+    backoff_cap_s: float = Field(2.0, ge=0)
+    max_retry_after_s: float = Field(5.0, ge=0, description="longest upstream Retry-After honoured by waiting")
+    retry_budget: RetryBudgetConfig = RetryBudgetConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    concurrency: ConcurrencyConfig = ConcurrencyConfig()
 
 
 class StateConfig(_Strict):
@@ -193,6 +246,7 @@ class KeyConfig(_Strict):
     """A virtual key declared in the file (its secret usually from `${ENV}`)."""
 
     name: str
+    priority: Literal["critical", "default", "sheddable"] = "default"
     key: str = Field(min_length=16)
     team: str | None = None
     user: str | None = None
@@ -233,6 +287,7 @@ class RootConfig(_Strict):
     logging: LoggingConfig = LoggingConfig()
     state: StateConfig = StateConfig()
     accounting: AccountingConfig = AccountingConfig()
+    resilience: ResilienceConfig = ResilienceConfig()
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     keys: list[KeyConfig] = Field(default_factory=list)

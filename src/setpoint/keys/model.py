@@ -29,6 +29,7 @@ class KeyInfo:
     models: frozenset[str] | None = None  # None: every model
     metadata: dict[str, str] = field(default_factory=dict)
     hint: str = ""  # first characters of the secret, for display only
+    priority: str = "default"  # critical | default | sheddable (a request header may lower it, not raise it)
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models

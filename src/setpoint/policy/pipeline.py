@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 from setpoint.config.compile import Runtime
+from setpoint.policy.caller import Resilience, UpstreamCaller
 from setpoint.policy.stage import compose
 from setpoint.policy.stages.auth import AuthStage
 from setpoint.policy.stages.budget import BudgetStage
 from setpoint.policy.stages.parse import ParseStage
 from setpoint.policy.stages.rate_limit import RateLimitStage
 from setpoint.policy.stages.route import RouteStage
-from setpoint.policy.upstream import build_upstream_terminal
 from setpoint.types import Next, Stage
 from setpoint.wire.request import parse_chat, parse_embeddings
 
 __all__ = ["build_pipelines"]
 
 
-def build_pipelines(auth: AuthStage, runtime: Runtime) -> dict[str, Next]:
-    """auth -> parse -> route -> rate_limit -> budget -> upstream; stages without rules are left out."""
+def build_pipelines(auth: AuthStage, runtime: Runtime, resilience: Resilience) -> dict[str, Next]:
+    """auth -> parse -> route -> rate_limit -> budget -> caller (breaker -> concurrency -> retry ->
+    timeout -> provider, per candidate); stages without rules are left out."""
     cfg, clock, routes = runtime.config, runtime.clock, runtime.routes
     policy: list[Stage] = []
     if cfg.rate_limits:
@@ -28,10 +29,10 @@ def build_pipelines(auth: AuthStage, runtime: Runtime) -> dict[str, Next]:
     return {
         "chat": compose(
             [auth, ParseStage(parse_chat, allow_stream=True), RouteStage(routes, "chat"), *policy],
-            build_upstream_terminal("/chat/completions", clock),
+            UpstreamCaller("/chat/completions", clock, resilience, routes),
         ),
         "embeddings": compose(
             [auth, ParseStage(parse_embeddings, allow_stream=False), RouteStage(routes, "embedding"), *policy],
-            build_upstream_terminal("/embeddings", clock),
+            UpstreamCaller("/embeddings", clock, resilience, routes),
         ),
     }

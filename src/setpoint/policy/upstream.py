@@ -1,4 +1,4 @@
-"""The pipeline's terminal: send the request to the chosen deployment and read what accounting needs."""
+"""What is sent to a deployment, and what accounting reads from a unary answer."""
 
 from __future__ import annotations
 
@@ -6,13 +6,12 @@ from typing import Any
 
 import orjson
 
-from setpoint.clock import Clock
 from setpoint.errors import ProviderResponseError
 from setpoint.models import Deployment
 from setpoint.proxy.context import RequestContext
-from setpoint.types import Next, Reply, UpstreamCall
+from setpoint.types import Reply
 
-__all__ = ["build_upstream_terminal"]
+__all__ = ["read_unary", "upstream_body"]
 
 
 def upstream_body(ctx: RequestContext, dep: Deployment) -> tuple[dict[str, Any], bytes | None]:
@@ -35,31 +34,20 @@ def upstream_body(ctx: RequestContext, dep: Deployment) -> tuple[dict[str, Any],
     return body, None
 
 
-def build_upstream_terminal(path: str, clock: Clock) -> Next:
-    async def call_upstream(ctx: RequestContext) -> Reply:
-        dep = ctx.deployment
-        assert dep is not None
-        body, raw = upstream_body(ctx, dep)
-        call = UpstreamCall(path=path, body=body, is_stream=ctx.is_stream, request_id=ctx.request_id, raw=raw)
-        t0 = ctx.upstream_started = clock.monotonic()
-        reply = await dep.provider.send(call)
-        if reply.body is not None:
-            ctx.upstream_ms = (clock.monotonic() - t0) * 1000
-            try:
-                doc = orjson.loads(reply.body)
-            except orjson.JSONDecodeError:
-                raise ProviderResponseError(f"upstream {dep.provider.name} sent a body that is not valid JSON") from None
-            if not isinstance(doc, dict):
-                raise ProviderResponseError(f"upstream {dep.provider.name} sent JSON that is not an object")
-            ctx.usage.update_from(doc.get("usage"))
-            choices = doc.get("choices")
-            if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-                fr = choices[0].get("finish_reason")
-                ctx.finish_reason = fr if isinstance(fr, str) else None
-                if ctx.output_text is not None:
-                    msg = choices[0].get("message")
-                    if isinstance(msg, dict) and isinstance(msg.get("content"), str):
-                        ctx.output_text.append(msg["content"])
-        return reply
-
-    return call_upstream
+def read_unary(ctx: RequestContext, dep: Deployment, reply: Reply) -> None:
+    """Check a unary upstream body and read what accounting needs from it."""
+    try:
+        doc = orjson.loads(reply.body or b"")
+    except orjson.JSONDecodeError:
+        raise ProviderResponseError(f"upstream {dep.provider.name} sent a body that is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise ProviderResponseError(f"upstream {dep.provider.name} sent JSON that is not an object")
+    ctx.usage.update_from(doc.get("usage"))
+    choices = doc.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        fr = choices[0].get("finish_reason")
+        ctx.finish_reason = fr if isinstance(fr, str) else None
+        if ctx.output_text is not None:
+            msg = choices[0].get("message")
+            if isinstance(msg, dict) and isinstance(msg.get("content"), str):
+                ctx.output_text.append(msg["content"])

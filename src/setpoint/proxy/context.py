@@ -48,6 +48,8 @@ class RequestContext:
     finish_reason: str | None = None
     output_text: list[str] | None = None  # collected only when content logging is on
     run_id: str | None = None
+    priority: str = "default"  # critical | default | sheddable
+    deadline_at: float | None = None  # monotonic seconds; from x-setpoint-deadline-ms
     cost_micros: int | None = None  # set once usage is final
     is_recorded: bool = False
     is_body_modified: bool = False  # a stage changed `body`: it must be re-serialised upstream
@@ -55,3 +57,7 @@ class RequestContext:
     finalizers: list[Finalizer] = field(default_factory=list)  # run once, when the request ends
     response_headers: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, Any] = field(default_factory=dict)
+
+    def deadline_s(self, clock: Any) -> float | None:
+        """Seconds left before the client's deadline, or None without one."""
+        return None if self.deadline_at is None else self.deadline_at - clock.monotonic()

@@ -13,6 +13,7 @@ from setpoint.errors import MethodNotAllowedError, NotFoundError
 from setpoint.keys.auth import KeyAuthenticator
 from setpoint.keys.store import SqliteKeyStore
 from setpoint.logstore.request_log import RequestLog
+from setpoint.policy.caller import Resilience
 from setpoint.policy.pipeline import build_pipelines
 from setpoint.policy.stages.auth import AuthStage
 from setpoint.proxy.admin import AdminHandlers
@@ -35,7 +36,8 @@ class Gateway:
             runtime.data_dir, store_content=cfg.logging.store_content, batch_size=cfg.logging.batch_size,
             interval_s=cfg.logging.flush_interval_ms / 1000, segment_bytes=cfg.logging.spool_segment_bytes,
         )
-        self.pipelines = build_pipelines(self.auth_stage, runtime)
+        self.resilience = Resilience(runtime.config.resilience, runtime.clock)
+        self.pipelines = build_pipelines(self.auth_stage, runtime, self.resilience)
 
     async def start(self) -> None:
         self.request_log.start()

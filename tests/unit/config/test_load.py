@@ -85,7 +85,7 @@ def test_dotted_path_for_bad_deployment_field() -> None:
         (lambda c: c.update(extra_top=1), "extra_top: unknown key"),
         (lambda c: c["providers"]["sim"].update(sed=1), "providers.sim.sed: unknown key"),
         (lambda c: c["providers"]["oai"].update(timeout=3), "providers.oai.timeout: unknown key"),
-        (lambda c: c["models"]["m"]["deployments"][0].update(weight=2), "models.m.deployments[0].weight: unknown key"),
+        (lambda c: c["models"]["m"]["deployments"][0].update(wieght=2), "models.m.deployments[0].wieght: unknown key"),
         (lambda c: c["keys"][1].update(secret="x"), "keys[1].secret: unknown key"),
         (lambda c: c.update(server={"prot": 1}), "server.prot: unknown key"),
     ],

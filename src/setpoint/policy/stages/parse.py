@@ -13,6 +13,19 @@ from setpoint.wire.request import parse_json_object
 __all__ = ["ParseStage"]
 
 
+_RANK = {"critical": 0, "default": 1, "sheddable": 2}
+
+
+def _priority(asked: str | None, allowed: str) -> str:
+    """The header may lower a key's priority class, never raise it."""
+    if asked is None:
+        return allowed
+    asked = asked.strip().lower()
+    if asked not in _RANK:
+        raise InvalidRequestError("header x-setpoint-priority must be critical, default or sheddable")
+    return asked if _RANK[asked] >= _RANK[allowed] else allowed
+
+
 class ParseStage:
     name: ClassVar[str] = "parse"
 
@@ -31,4 +44,12 @@ class ParseStage:
         ctx.user = user if isinstance(user, str) and user else (ctx.key.user if ctx.key else None)
         run_id = ctx.headers.get("x-setpoint-run-id")
         ctx.run_id = run_id[:200] if run_id else None
+        ctx.priority = _priority(ctx.headers.get("x-setpoint-priority"), ctx.key.priority if ctx.key else "default")
+        deadline = ctx.headers.get("x-setpoint-deadline-ms")
+        if deadline is not None:
+            try:
+                ms = float(deadline)
+            except ValueError:
+                raise InvalidRequestError("header x-setpoint-deadline-ms must be a number of milliseconds") from None
+            ctx.deadline_at = ctx.started_mono + max(0.0, ms) / 1000
         return await call_next(ctx)

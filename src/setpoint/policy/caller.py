@@ -1,0 +1,274 @@
+"""The pipeline's terminal: try the alias's deployments with breakers, concurrency limits, timeouts,
+jittered retries under a global retry budget, and degradation when none is healthy.
+
+Per attempt: breaker -> concurrency slot -> timeout -> provider. A stream is "committed" once its
+first chunk arrives: failures before that are retried or fall back; after it they end the client's
+stream with an explicit error event (never retried). Upstream attempts per client request are capped
+by `max_attempts`, and across requests by the retry budget.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from setpoint.accounting.usage_fallback import count_prompt
+from setpoint.clock import Clock
+from setpoint.config.schema import ResilienceConfig
+from setpoint.errors import (
+    AllCandidatesFailedError,
+    CircuitOpenError,
+    InvalidRequestError,
+    OverloadedError,
+    ProviderRateLimitedError,
+    ProviderResponseError,
+    ProviderTimeoutError,
+    SetpointError,
+    UpstreamError,
+)
+from setpoint.models import Deployment, ModelRoute
+from setpoint.policy.resilience.breaker import BreakerConfigValues, BreakerState, CircuitBreaker
+from setpoint.policy.resilience.limiter import AdaptiveLimiter, LimiterConfigValues
+from setpoint.policy.resilience.retry_budget import RetryBudget
+from setpoint.policy.routing import DeploymentStats, order_deployments
+from setpoint.policy.stages.rate_limit import requested_output_tokens
+from setpoint.policy.upstream import read_unary, upstream_body
+from setpoint.proxy.context import RequestContext
+from setpoint.types import Reply, UpstreamCall, UpstreamStream
+
+__all__ = ["Resilience", "UpstreamCaller"]
+
+
+@dataclass
+class Resilience:
+    """Process-wide health and capacity state, one entry per deployment (built lazily)."""
+
+    cfg: ResilienceConfig
+    clock: Clock
+    stats: DeploymentStats = field(default_factory=DeploymentStats)
+    breakers: dict[str, CircuitBreaker] = field(default_factory=dict)
+    limiters: dict[str, AdaptiveLimiter] = field(default_factory=dict)
+    rng: random.Random = field(default_factory=random.Random)
+    budget: RetryBudget = field(init=False)
+
+    def __post_init__(self) -> None:
+        rb = self.cfg.retry_budget
+        self.budget = RetryBudget(self.clock, rb.ratio, rb.min_per_s, rb.window_s)
+
+    def breaker(self, name: str) -> CircuitBreaker:
+        b = self.breakers.get(name)
+        if b is None:
+            c = self.cfg.breaker
+            b = self.breakers[name] = CircuitBreaker(name, BreakerConfigValues(
+                window_s=c.window_s, min_calls=c.min_calls, failure_rate=c.failure_rate, slow_call_s=c.slow_call_s,
+                slow_call_rate=c.slow_call_rate, open_s=c.open_s, half_open_probes=c.half_open_probes), self.clock)
+        return b
+
+    def limiter(self, name: str) -> AdaptiveLimiter:
+        lim = self.limiters.get(name)
+        if lim is None:
+            c = self.cfg.concurrency
+            lim = self.limiters[name] = AdaptiveLimiter(name, LimiterConfigValues(
+                initial=c.initial, min_limit=c.min_limit, max_limit=c.max_limit, queue=c.queue,
+                queue_timeout_s=c.queue_timeout_s, ttft_target_s=c.ttft_target_s), self.clock)
+        return lim
+
+
+class _PrimedStream:
+    """An upstream stream whose first chunk was already read; later chunks under an idle timeout."""
+
+    __slots__ = ("_clock", "_first", "_idle_s", "_inner", "_it", "_name")
+
+    def __init__(self, inner: UpstreamStream, it: AsyncIterator[bytes], first: bytes, clock: Clock,
+                 idle_s: float | None, name: str) -> None:
+        self._inner, self._it, self._first = inner, it, first
+        self._clock, self._idle_s, self._name = clock, idle_s, name
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self._first
+        while True:
+            try:
+                if self._idle_s is None:
+                    chunk = await anext(self._it)
+                else:
+                    async with self._clock.timeout(self._idle_s):
+                        chunk = await anext(self._it)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise ProviderTimeoutError(f"upstream {self._name} went silent mid-stream for {self._idle_s}s") from None
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class UpstreamCaller:
+    def __init__(self, path: str, clock: Clock, resilience: Resilience, routes: dict[str, ModelRoute]) -> None:
+        self._path = path
+        self._clock = clock
+        self._res = resilience
+        self._routes = routes
+
+    async def __call__(self, ctx: RequestContext) -> Reply:
+        assert ctx.route is not None
+        self._res.budget.on_request()
+        try:
+            return await self._try_route(ctx, ctx.route)
+        except (AllCandidatesFailedError, CircuitOpenError, OverloadedError) as err:
+            degrade = ctx.route.degrade_to
+            if degrade is None or ctx.priority not in ctx.route.degrade_priorities or not _all_unhealthy(err):
+                raise
+            route = self._routes[degrade]
+            ctx.annotations["degraded"] = f"unhealthy:{ctx.route.alias}->{degrade}"
+            ctx.response_headers["x-setpoint-degraded"] = f"unhealthy; model={degrade}"
+            ctx.route = route
+            return await self._try_route(ctx, route)
+
+    async def _try_route(self, ctx: RequestContext, route: ModelRoute) -> Reply:
+        res, cfg = self._res, self._res.cfg
+        needed = None
+        if any(d.context_window for d in route.deployments):
+            needed = count_prompt(ctx) + (requested_output_tokens(ctx) or 0)
+        deps, skipped = order_deployments(route, res.stats, res.rng, needed)
+        if skipped:
+            ctx.annotations["context_window_skipped"] = skipped
+        if not deps:
+            raise InvalidRequestError(
+                f"the request needs about {needed} tokens, more than any deployment of '{route.alias}' accepts",
+                param="messages",
+            )
+        errors: list[SetpointError] = []
+        attempts: list[str] = ctx.annotations.setdefault("attempts", [])
+        rounds = 0
+        while len(attempts) < cfg.max_attempts and rounds < cfg.max_attempts:
+            rounds += 1
+            progressed = False
+            for dep in deps:
+                if len(attempts) >= cfg.max_attempts:
+                    break
+                breaker = res.breaker(dep.name)
+                if not breaker.allow():
+                    errors.append(CircuitOpenError(f"deployment {dep.name} is open (failing)",
+                                                   retry_after_s=breaker.retry_after_s()))
+                    continue
+                if attempts and not res.budget.try_retry():
+                    errors.append(OverloadedError("retry budget exhausted; not retrying", retry_after_s=1.0))
+                    raise _final(errors)
+                limiter = res.limiter(dep.name)
+                try:
+                    await limiter.acquire(ctx.priority, ctx.deadline_s(self._clock))
+                except OverloadedError as err:
+                    if breaker.state is BreakerState.HALF_OPEN:
+                        breaker.record(ok=True)  # the probe never ran; do not count it against the upstream
+                    errors.append(err)
+                    continue
+                progressed = True
+                attempts.append(dep.name)
+                try:
+                    reply = await self._attempt(ctx, dep, limiter, breaker)
+                except UpstreamError as err:
+                    errors.append(err)
+                    if not err.is_retryable:
+                        raise
+                    await self._backoff(err, len(attempts), last=dep is deps[-1])
+                    continue
+                ctx.response_headers["x-setpoint-route"] = dep.name
+                ctx.annotations["route"] = dep.name
+                return reply
+            if not progressed:
+                break
+        raise _final(errors)
+
+    async def _backoff(self, err: UpstreamError, n: int, *, last: bool) -> None:
+        """Full jitter; an upstream's Retry-After is honoured (up to max_retry_after_s) before
+        retrying the same deployments, not before falling back to another one."""
+        if not last:
+            return
+        cfg = self._res.cfg
+        wait = self._res.rng.uniform(0, min(cfg.backoff_cap_s, cfg.backoff_base_s * 2 ** (n - 1)))
+        ra = getattr(err, "retry_after_s", None)
+        if isinstance(ra, (int, float)) and ra <= cfg.max_retry_after_s:
+            wait = max(wait, float(ra))
+        if wait > 0:
+            await self._clock.sleep(wait)
+
+    async def _attempt(
+        self, ctx: RequestContext, dep: Deployment, limiter: AdaptiveLimiter, breaker: CircuitBreaker
+    ) -> Reply:
+        clock = self._clock
+        ctx.deployment = dep
+        body, raw = upstream_body(ctx, dep)
+        call = UpstreamCall(path=self._path, body=body, is_stream=ctx.is_stream, request_id=ctx.request_id, raw=raw)
+        t0 = ctx.upstream_started = clock.monotonic()
+        stats = self._res.stats
+        stats.inflight[dep.name] = stats.inflight.get(dep.name, 0) + 1
+        released = False
+
+        def release(*, ok: bool, rate_limited: bool = False, ttft_s: float | None = None) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                stats.inflight[dep.name] -= 1
+                limiter.release(ok=ok, rate_limited=rate_limited, ttft_s=ttft_s)
+
+        try:
+            reply = await self._send(call, dep, ctx)
+        except UpstreamError as err:
+            limited = isinstance(err, ProviderRateLimitedError)
+            release(ok=False, rate_limited=limited)
+            breaker.record(ok=limited)  # 429 lowers concurrency; it does not open the breaker
+            raise
+        except BaseException:
+            release(ok=False)
+            raise
+        ttft = clock.monotonic() - t0
+        stats.observe_ttft(dep.name, ttft)
+        breaker.record(ok=True, ttft_s=ttft)
+        if reply.stream is None:
+            release(ok=True, ttft_s=ttft)
+            ctx.upstream_ms = ttft * 1000
+            read_unary(ctx, dep, reply)
+        else:
+            async def release_at_end(ctx: RequestContext) -> None:
+                release(ok=ctx.status < 500, ttft_s=ttft)
+
+            ctx.finalizers.append(release_at_end)
+        return reply
+
+    async def _send(self, call: UpstreamCall, dep: Deployment, ctx: RequestContext) -> Reply:
+        """One provider call, under the TTFT timeout; for a stream, up to its first chunk."""
+        clock, name = self._clock, dep.provider.name
+        try:
+            async with clock.timeout(dep.ttft_timeout_s):
+                reply = await dep.provider.send(call)
+                if reply.stream is None:
+                    return reply
+                it = aiter(reply.stream)
+                try:
+                    first = await anext(it)
+                except StopAsyncIteration:
+                    await reply.stream.aclose()
+                    raise ProviderResponseError(f"upstream {name} ended the stream without sending anything") from None
+                except BaseException:
+                    await reply.stream.aclose()
+                    raise
+        except TimeoutError:
+            raise ProviderTimeoutError(f"upstream {name} sent nothing within {dep.ttft_timeout_s}s") from None
+        return Reply(status=reply.status, stream=_PrimedStream(reply.stream, it, first, clock, dep.idle_timeout_s, name),
+                     headers=reply.headers)
+
+
+def _all_unhealthy(err: SetpointError) -> bool:
+    errors = err.errors if isinstance(err, AllCandidatesFailedError) else [err]
+    return bool(errors) and all(isinstance(e, (CircuitOpenError, OverloadedError)) for e in errors)
+
+
+def _final(errors: list[SetpointError]) -> SetpointError:
+    if len(errors) == 1:
+        return errors[0]
+    last = errors[-1] if errors else None
+    return AllCandidatesFailedError(
+        f"every deployment failed ({len(errors)} attempts); last: {last.message if last else 'none'}", errors=errors
+    )

@@ -1,0 +1,45 @@
+"""A global retry budget (Finagle's RetryBudget): retries and fallbacks together may add at most
+`ratio` extra upstream attempts per client request over a sliding `window_s`, plus a small floor of
+`min_per_s` so a quiet gateway can still retry.
+
+Bound, over any window of `window_s`: upstream attempts <= (1 + ratio) x client requests
++ min_per_s x window_s. Tested in tests/scenarios.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from setpoint.clock import Clock
+
+__all__ = ["RetryBudget"]
+
+
+class RetryBudget:
+    def __init__(self, clock: Clock, ratio: float, min_per_s: float, window_s: float) -> None:
+        self._clock = clock
+        self._ratio = ratio
+        self._floor = min_per_s * window_s
+        self._window_s = window_s
+        self._requests: deque[float] = deque()
+        self._retries: deque[float] = deque()
+
+    def _trim(self, now: float) -> None:
+        edge = now - self._window_s
+        while self._requests and self._requests[0] <= edge:
+            self._requests.popleft()
+        while self._retries and self._retries[0] <= edge:
+            self._retries.popleft()
+
+    def on_request(self) -> None:
+        """A client request arrived (deposits `ratio` retries)."""
+        self._requests.append(self._clock.monotonic())
+
+    def try_retry(self) -> bool:
+        """Withdraw one retry (any attempt after a request's first); False when the budget is spent."""
+        now = self._clock.monotonic()
+        self._trim(now)
+        if len(self._retries) + 1 > self._ratio * len(self._requests) + self._floor:
+            return False
+        self._retries.append(now)
+        return True
