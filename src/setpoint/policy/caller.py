@@ -28,7 +28,7 @@ from setpoint.errors import (
     UpstreamError,
 )
 from setpoint.models import Deployment, ModelRoute
-from setpoint.policy.resilience.breaker import BreakerConfigValues, BreakerState, CircuitBreaker
+from setpoint.policy.resilience.breaker import BreakerConfigValues, CircuitBreaker
 from setpoint.policy.resilience.limiter import AdaptiveLimiter, LimiterConfigValues
 from setpoint.policy.resilience.retry_budget import RetryBudget
 from setpoint.policy.routing import DeploymentStats, order_deployments
@@ -148,20 +148,25 @@ class UpstreamCaller:
             for dep in deps:
                 if len(attempts) >= cfg.max_attempts:
                     break
+                left = ctx.deadline_s(self._clock)
+                if left is not None and left <= res.stats.ttft_s.get(dep.name, 0.0):
+                    errors.append(OverloadedError(
+                        f"deployment {dep.name} cannot answer within the request's deadline", retry_after_s=1.0))
+                    continue
                 breaker = res.breaker(dep.name)
                 if not breaker.allow():
                     errors.append(CircuitOpenError(f"deployment {dep.name} is open (failing)",
                                                    retry_after_s=breaker.retry_after_s()))
                     continue
                 if attempts and not res.budget.try_retry():
+                    breaker.abandon()
                     errors.append(OverloadedError("retry budget exhausted; not retrying", retry_after_s=1.0))
                     raise _final(errors)
                 limiter = res.limiter(dep.name)
                 try:
-                    await limiter.acquire(ctx.priority, ctx.deadline_s(self._clock))
+                    await limiter.acquire(ctx.priority, left)
                 except OverloadedError as err:
-                    if breaker.state is BreakerState.HALF_OPEN:
-                        breaker.record(ok=True)  # the probe never ran; do not count it against the upstream
+                    breaker.abandon()
                     errors.append(err)
                     continue
                 progressed = True

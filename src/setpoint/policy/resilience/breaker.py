@@ -79,6 +79,11 @@ class CircuitBreaker:
             self._probes_out += 1
         return True
 
+    def abandon(self) -> None:
+        """A call that `allow()` admitted never ran: give its half-open probe slot back."""
+        if self.state is BreakerState.HALF_OPEN and self._probes_out > 0:
+            self._probes_out -= 1
+
     def retry_after_s(self) -> float:
         return max(0.0, self._cfg.open_s - (self._clock.monotonic() - self._opened_at))
 
