@@ -81,6 +81,19 @@ class SetpointError(Exception):
         return {}
 
 
+class _RetryAfter(SetpointError):
+    """An error that tells the client when to come back (`Retry-After`, whole seconds, rounded up)."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
 class ConfigError(SetpointError):
     """One or more problems in a config file; `problems` holds one `path: reason` line each."""
 
@@ -136,19 +149,11 @@ class MethodNotAllowedError(RequestError):
     code = "method_not_allowed"
 
 
-class RateLimitedError(RequestError):
+class RateLimitedError(_RetryAfter, RequestError):
     status_code = 429
     code = "rate_limited"
     type = "rate_limit_error"
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str]:
-        if self.retry_after_s is None:
-            return {}
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
 class BudgetExceededError(RateLimitedError):
@@ -179,20 +184,12 @@ class ProviderUnavailableError(UpstreamError):
         self.upstream_status = upstream_status
 
 
-class ProviderRateLimitedError(UpstreamError):
+class ProviderRateLimitedError(_RetryAfter, UpstreamError):
     status_code = 429
     code = "upstream_rate_limited"
     type = "rate_limit_error"
     is_retryable = True
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str]:
-        if self.retry_after_s is None:
-            return {}
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
 class ProviderResponseError(UpstreamError):
@@ -221,32 +218,20 @@ class ProviderRejectedError(UpstreamError):
         return self.upstream_code or self.code
 
 
-class CircuitOpenError(UpstreamError):
+class CircuitOpenError(_RetryAfter, UpstreamError):
     status_code = 503
     code = "circuit_open"
     is_retryable = True
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str]:
-        return {} if self.retry_after_s is None else {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
-class OverloadedError(UpstreamError):
+class OverloadedError(_RetryAfter, UpstreamError):
     """Shed by the gateway's own overload control: do not retry elsewhere right away."""
 
     status_code = 503
     code = "overloaded"
     is_retryable = False
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str]:
-        return {} if self.retry_after_s is None else {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
 class AllCandidatesFailedError(UpstreamError):

@@ -17,7 +17,7 @@ from setpoint.errors import ConfigError
 __all__ = ["format_path", "load_config", "parse_config"]
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_PROVIDER_TAGS = {"openai_compatible", "simulated"}
+_PROVIDER_TAGS = {"openai_compatible", "anthropic", "simulated"}
 
 
 def format_path(loc: tuple[int | str, ...]) -> str:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 __all__ = [
     "AccountingConfig",
     "AdminConfig",
+    "AnthropicProviderConfig",
     "BreakerConfig",
     "BudgetConfig",
     "ConcurrencyConfig",
@@ -71,6 +72,30 @@ class OpenAICompatibleProviderConfig(_Strict):
         return v.rstrip("/")
 
 
+class AnthropicProviderConfig(_Strict):
+    """Anthropic's Messages API (`POST {base_url}/v1/messages`), translated to and from OpenAI's chat format."""
+
+    type: Literal["anthropic"]
+    base_url: str = "https://api.anthropic.com"
+    api_key: str | None = Field(None, description="sent as x-api-key")
+    headers: dict[str, str] = Field(default_factory=dict, description="e.g. anthropic-beta; may override anthropic-version")
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    max_connections: int = Field(1024, ge=1)
+    default_max_tokens: int = Field(
+        4096, ge=1, description="max_tokens sent when the request sets none (Anthropic requires one)"
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _root_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        v = v.rstrip("/")
+        if v.endswith("/v1"):
+            raise ValueError("leave out the trailing /v1: the adapter appends /v1/messages")
+        return v
+
+
 class LatencyConfig(_Strict):
     ttft_ms: float = Field(30.0, ge=0, description="time to first token")
     per_token_ms: float = Field(2.0, ge=0, description="cadence between streamed tokens")
@@ -109,7 +134,7 @@ class SimulatedProviderConfig(_Strict):
 
 
 ProviderConfig = Annotated[
-    OpenAICompatibleProviderConfig | SimulatedProviderConfig, Field(discriminator="type")
+    OpenAICompatibleProviderConfig | AnthropicProviderConfig | SimulatedProviderConfig, Field(discriminator="type")
 ]
 
 

@@ -94,28 +94,27 @@ class MemoryStateStore:
                 refused = line.key
         return ReserveResult(ok=refused is None, refused_key=refused, remaining=remaining)
 
-    async def reserve(
-        self, lines: Sequence[LedgerLine], hold_id: str, amount: int, now: float, hold_ttl_s: float
+    def _hold(
+        self, lines: Sequence[LedgerLine], hold_id: str, amount: int, now: float, hold_ttl_s: float, *, grow: bool
     ) -> ReserveResult:
         states = [self._line(ln, now) for ln in lines]
         res = self._check(lines, states, amount, now)
         if res.ok:
             for st in states:
-                st.holds[hold_id] = (amount, now + hold_ttl_s)
+                current = st.holds.get(hold_id, (0, 0.0))[0] if grow else 0
+                st.holds[hold_id] = (current + amount, now + hold_ttl_s)
             res.remaining = [None if r is None else r - amount for r in res.remaining]
         return res
+
+    async def reserve(
+        self, lines: Sequence[LedgerLine], hold_id: str, amount: int, now: float, hold_ttl_s: float
+    ) -> ReserveResult:
+        return self._hold(lines, hold_id, amount, now, hold_ttl_s, grow=False)
 
     async def extend(
         self, lines: Sequence[LedgerLine], hold_id: str, amount: int, now: float, hold_ttl_s: float
     ) -> ReserveResult:
-        states = [self._line(ln, now) for ln in lines]
-        res = self._check(lines, states, amount, now)
-        if res.ok:
-            for st in states:
-                current = st.holds.get(hold_id, (0, 0.0))[0]
-                st.holds[hold_id] = (current + amount, now + hold_ttl_s)
-            res.remaining = [None if r is None else r - amount for r in res.remaining]
-        return res
+        return self._hold(lines, hold_id, amount, now, hold_ttl_s, grow=True)
 
     async def settle(self, lines: Sequence[LedgerLine], hold_id: str, actual: int, now: float) -> None:
         for line in lines:
