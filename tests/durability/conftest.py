@@ -264,6 +264,9 @@ def serve_config(data_dir: Path, **logging: Any) -> dict[str, Any]:
     return {
         "data_dir": str(data_dir),
         "logging": {"flush_interval_ms": 60_000, **logging},
+        # These tests inject upstream faults on purpose to check that error answers are logged too:
+        # keep retries and the breaker out of the way (they have their own tests in tests/scenarios).
+        "resilience": {"max_attempts": 1, "breaker": {"min_calls": 1_000_000}},
         "providers": {"sim": {"type": "simulated", "seed": 11,
                               "latency": {"ttft_ms": 1, "per_token_ms": 0.2, "jitter": 0},
                               "output": {"min_tokens": 4, "max_tokens": 16}}},

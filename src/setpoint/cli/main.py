@@ -149,14 +149,16 @@ def usage(config_path: str | None, by: str, since: str | None, until: str | None
     if as_json:
         click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return
-    header = f"{by:<24} {'requests':>9} {'errors':>7} {'prompt tok':>11} {'output tok':>11} {'cached tok':>11} {'cost $':>12}"
+    header = (f"{by:<24} {'requests':>9} {'errors':>7} {'prompt tok':>11} {'output tok':>11} {'cached tok':>11} "
+              f"{'cost $':>12} {'cache hits':>10} {'saved $':>10}")
     click.echo(header)
     click.echo("-" * len(header))
     for r in rows:
         click.echo(f"{str(r['group'])[:24]:<24} {r['requests']:>9} {r['errors']:>7} {r['prompt_tokens']:>11} "
-                   f"{r['completion_tokens']:>11} {r['cached_tokens']:>11} {r['cost_micros'] / 1e6:>12.6f}")
-    total = sum(r["cost_micros"] for r in rows)
-    click.echo(f"\ntotal {total} micro-dollars (${total / 1e6:.6f})")
+                   f"{r['completion_tokens']:>11} {r['cached_tokens']:>11} {r['cost_micros'] / 1e6:>12.6f} "
+                   f"{r['cache_hits']:>10} {r['saved_micros'] / 1e6:>10.6f}")
+    total, saved = sum(r["cost_micros"] for r in rows), sum(r["saved_micros"] for r in rows)
+    click.echo(f"\ntotal {total} micro-dollars (${total / 1e6:.6f}); the cache saved {saved} (${saved / 1e6:.6f})")
 
 
 @main.command("sim-provider")

@@ -15,6 +15,7 @@ __all__ = [
     "AnthropicProviderConfig",
     "BreakerConfig",
     "BudgetConfig",
+    "CacheConfig",
     "ConcurrencyConfig",
     "EstimateConfig",
     "DeploymentConfig",
@@ -158,6 +159,14 @@ class DeploymentConfig(_Strict):
     )
 
 
+class CacheConfig(_Strict):
+    """Exact response cache for one model alias (shared state store: `state.url`)."""
+
+    ttl_s: float = Field(3600.0, gt=0)
+    nondeterministic: bool = Field(False, description="also cache requests without temperature 0")
+    partition: Literal["team", "key"] = Field("team", description="tenant boundary: a team (or the key if it has none), or each key")
+
+
 class ModelConfig(_Strict):
     deployments: list[DeploymentConfig] = Field(min_length=1)
     kind: Literal["chat", "embedding"] = "chat"
@@ -173,6 +182,7 @@ class ModelConfig(_Strict):
     max_output_tokens: int = Field(
         4096, ge=1, description="worst-case output when a request sets no max_tokens (budget reservations)"
     )
+    cache: CacheConfig | None = Field(None, description="exact response cache; off when absent")
 
 
 class RetryBudgetConfig(_Strict):
@@ -205,6 +215,7 @@ class ResilienceConfig(_Strict):
     backoff_base_s: float = Field(0.1, ge=0)
     backoff_cap_s: float = Field(2.0, ge=0)
     max_retry_after_s: float = Field(5.0, ge=0, description="longest upstream Retry-After honoured by waiting")
+    max_cooldown_s: float = Field(30.0, ge=0, description="after a 429 a deployment is skipped for its Retry-After, at most this")
     retry_budget: RetryBudgetConfig = RetryBudgetConfig()
     breaker: BreakerConfig = BreakerConfig()
     concurrency: ConcurrencyConfig = ConcurrencyConfig()

@@ -38,6 +38,8 @@ def build_record(ctx: RequestContext, latency_ms: float, *, store_content: bool)
         "finish_reason": ctx.finish_reason,
         "annotations": orjson.dumps(ctx.annotations).decode() if ctx.annotations else None,
         "content": None,
+        "cache_status": ctx.annotations.get("cache"),
+        "saved_micros": ctx.annotations.get("saved_micros"),
     }
     if store_content and ctx.body:
         content: dict[str, Any] = {"request": ctx.body}

@@ -18,7 +18,7 @@ RECORD_COLUMNS = (
     "id", "ts", "endpoint", "key_id", "key_name", "team", "user_id", "model", "deployment", "provider",
     "is_stream", "status", "error_code", "prompt_tokens", "completion_tokens", "cached_tokens",
     "reasoning_tokens", "cost_micros", "latency_ms", "ttft_ms", "upstream_ms", "finish_reason",
-    "annotations", "content",
+    "annotations", "content", "cache_status", "saved_micros",
 )
 
 _SCHEMA = """
@@ -39,7 +39,9 @@ CREATE TABLE IF NOT EXISTS requests (
     latency_ms REAL, ttft_ms REAL, upstream_ms REAL,
     finish_reason TEXT,
     annotations TEXT,
-    content TEXT
+    content TEXT,
+    cache_status TEXT,
+    saved_micros INTEGER
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
 CREATE INDEX IF NOT EXISTS requests_team_ts ON requests (team, ts);
@@ -72,12 +74,17 @@ _DEFAULTS = {"is_stream": 0, "prompt_tokens": 0, "completion_tokens": 0, "cached
 Record = dict[str, Any] | list[Any]
 
 
+# Columns added after the first release, with what older spooled records imply for them.
+_ADDED_COLUMNS = (("cache_status", "TEXT"), ("saved_micros", "INTEGER"))
+_FIRST_RELEASE_WIDTH = len(RECORD_COLUMNS) - len(_ADDED_COLUMNS)
+
+
 def _row(r: Record) -> tuple[Any, ...]:
     """A record as the spool holds it (a list in `RECORD_COLUMNS` order, or a dict) -> a row."""
     if isinstance(r, list):
-        if len(r) != len(RECORD_COLUMNS):
+        if not _FIRST_RELEASE_WIDTH <= len(r) <= len(RECORD_COLUMNS):
             raise ValueError(f"a positional record has {len(r)} fields, expected {len(RECORD_COLUMNS)}")
-        return tuple(r)
+        return tuple(r) + (None,) * (len(RECORD_COLUMNS) - len(r))  # spooled by an older version
     return tuple(r.get(c, _DEFAULTS.get(c)) for c in RECORD_COLUMNS)
 
 
@@ -109,6 +116,10 @@ class SqliteLogStore:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA busy_timeout=30000")
         self._conn.executescript(_SCHEMA)
+        have = {row[1] for row in self._conn.execute("PRAGMA table_info(requests)")}
+        for name, sql_type in _ADDED_COLUMNS:
+            if name not in have:  # a log written by an older version
+                self._conn.execute(f"ALTER TABLE requests ADD COLUMN {name} {sql_type}")
 
     def offset(self, segment: str) -> int:
         row = self._conn.execute("SELECT byte_offset FROM spool_progress WHERE segment = ?", (segment,)).fetchone()

@@ -46,7 +46,8 @@ def usage_report(db: Path, by: str, since: float | None = None, until: float | N
         params.append(until)
     sql = (
         f"SELECT {GROUPS[by]} AS grp, COUNT(*), SUM(status >= 400), SUM(prompt_tokens), SUM(completion_tokens), "
-        "SUM(cached_tokens), SUM(reasoning_tokens), COALESCE(SUM(cost_micros), 0), SUM(cost_micros IS NULL AND status < 400) "
+        "SUM(cached_tokens), SUM(reasoning_tokens), COALESCE(SUM(cost_micros), 0), SUM(cost_micros IS NULL AND status < 400), "
+        "COALESCE(SUM(cache_status = 'hit'), 0), COALESCE(SUM(saved_micros), 0) "
         f"FROM requests {'WHERE ' + ' AND '.join(where) if where else ''} GROUP BY grp ORDER BY grp"
     )
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
@@ -56,6 +57,7 @@ def usage_report(db: Path, by: str, since: float | None = None, until: float | N
         conn.close()
     return [
         {"group": r[0], "requests": r[1], "errors": r[2], "prompt_tokens": r[3], "completion_tokens": r[4],
-         "cached_tokens": r[5], "reasoning_tokens": r[6], "cost_micros": r[7], "unpriced_requests": r[8]}
+         "cached_tokens": r[5], "reasoning_tokens": r[6], "cost_micros": r[7], "unpriced_requests": r[8],
+         "cache_hits": r[9], "saved_micros": r[10]}
         for r in rows
     ]

@@ -22,8 +22,10 @@ from setpoint.errors import (
     InvalidRequestError,
     OverloadedError,
     ProviderRateLimitedError,
+    ProviderRejectedError,
     ProviderResponseError,
     ProviderTimeoutError,
+    RateLimitedError,
     SetpointError,
     UpstreamError,
 )
@@ -32,7 +34,7 @@ from setpoint.policy.resilience.breaker import BreakerConfigValues, CircuitBreak
 from setpoint.policy.resilience.limiter import AdaptiveLimiter, LimiterConfigValues
 from setpoint.policy.resilience.retry_budget import RetryBudget
 from setpoint.policy.routing import DeploymentStats, order_deployments
-from setpoint.policy.stages.rate_limit import requested_output_tokens
+from setpoint.policy.stages.rate_limit import RateLimitStage, Settle, requested_output_tokens
 from setpoint.policy.upstream import read_unary, upstream_body
 from setpoint.proxy.context import RequestContext
 from setpoint.types import Reply, UpstreamCall, UpstreamStream
@@ -55,6 +57,18 @@ class Resilience:
     def __post_init__(self) -> None:
         rb = self.cfg.retry_budget
         self.budget = RetryBudget(self.clock, rb.ratio, rb.min_per_s, rb.window_s)
+
+    cooldowns: dict[str, float] = field(default_factory=dict)  # deployment -> monotonic time
+
+    def cool_down(self, name: str, retry_after_s: float | None) -> None:
+        """After an upstream 429, skip the deployment until it said to come back (capped)."""
+        wait = min(retry_after_s if retry_after_s is not None else 1.0, self.cfg.max_cooldown_s)
+        if wait > 0:
+            self.cooldowns[name] = max(self.cooldowns.get(name, 0.0), self.clock.monotonic() + wait)
+
+    def cooldown_s(self, name: str) -> float:
+        until = self.cooldowns.get(name)
+        return 0.0 if until is None else max(0.0, until - self.clock.monotonic())
 
     def breaker(self, name: str) -> CircuitBreaker:
         b = self.breakers.get(name)
@@ -105,11 +119,15 @@ class _PrimedStream:
 
 
 class UpstreamCaller:
-    def __init__(self, path: str, clock: Clock, resilience: Resilience, routes: dict[str, ModelRoute]) -> None:
+    def __init__(
+        self, path: str, clock: Clock, resilience: Resilience, routes: dict[str, ModelRoute],
+        deployment_limits: RateLimitStage | None = None,
+    ) -> None:
         self._path = path
         self._clock = clock
         self._res = resilience
         self._routes = routes
+        self._limits = deployment_limits if deployment_limits is not None and deployment_limits.is_active else None
 
     async def __call__(self, ctx: RequestContext) -> Reply:
         assert ctx.route is not None
@@ -148,37 +166,62 @@ class UpstreamCaller:
             for dep in deps:
                 if len(attempts) >= cfg.max_attempts:
                     break
+                settle = None
+                if self._limits is not None:
+                    ctx.deployment = dep
+                    try:
+                        settle = await self._limits.admit(ctx)  # the provider's own limits
+                    except RateLimitedError as err:
+                        errors.append(err)
+                        continue
                 left = ctx.deadline_s(self._clock)
                 if left is not None and left <= res.stats.ttft_s.get(dep.name, 0.0):
+                    await _refund(ctx, settle)
                     errors.append(OverloadedError(
                         f"deployment {dep.name} cannot answer within the request's deadline", retry_after_s=1.0))
                     continue
+                cooling = res.cooldown_s(dep.name)
+                if cooling > 0:  # the upstream said when to come back (429): do not knock before
+                    await _refund(ctx, settle)
+                    errors.append(ProviderRateLimitedError(f"deployment {dep.name} is rate limited upstream",
+                                                           retry_after_s=cooling))
+                    continue
                 breaker = res.breaker(dep.name)
                 if not breaker.allow():
+                    await _refund(ctx, settle)
                     errors.append(CircuitOpenError(f"deployment {dep.name} is open (failing)",
                                                    retry_after_s=breaker.retry_after_s()))
                     continue
                 if attempts and not res.budget.try_retry():
                     breaker.abandon()
-                    errors.append(OverloadedError("retry budget exhausted; not retrying", retry_after_s=1.0))
-                    raise _final(errors)
+                    await _refund(ctx, settle)
+                    ctx.annotations["retry_budget"] = "exhausted"
+                    raise _final(errors)  # the client sees its last real error
                 limiter = res.limiter(dep.name)
                 try:
                     await limiter.acquire(ctx.priority, left)
                 except OverloadedError as err:
                     breaker.abandon()
+                    await _refund(ctx, settle)
                     errors.append(err)
                     continue
+                except BaseException:
+                    breaker.abandon()
+                    raise
                 progressed = True
                 attempts.append(dep.name)
                 try:
                     reply = await self._attempt(ctx, dep, limiter, breaker)
                 except UpstreamError as err:
+                    await _refund(ctx, settle)  # nothing was generated by this attempt
                     errors.append(err)
                     if not err.is_retryable:
                         raise
                     await self._backoff(err, len(attempts), last=dep is deps[-1])
                     continue
+                if settle is not None:
+                    bound = settle
+                    ctx.finalizers.append(lambda c: bound(c, True))
                 ctx.response_headers["x-setpoint-route"] = dep.name
                 ctx.annotations["route"] = dep.name
                 return reply
@@ -223,30 +266,47 @@ class UpstreamCaller:
         except UpstreamError as err:
             limited = isinstance(err, ProviderRateLimitedError)
             release(ok=False, rate_limited=limited)
-            breaker.record(ok=limited)  # 429 lowers concurrency; it does not open the breaker
+            if limited:
+                self._res.cool_down(dep.name, err.retry_after_s)  # type: ignore[attr-defined]
+            # 429 lowers concurrency and cools the deployment down; a 4xx the client caused says
+            # nothing about the deployment's health. Neither counts as a breaker failure.
+            breaker.record(ok=limited or isinstance(err, ProviderRejectedError))
             raise
         except BaseException:
             release(ok=False)
+            breaker.abandon()  # an unexpected exit (cancellation): give a half-open probe back
             raise
         ttft = clock.monotonic() - t0
         stats.observe_ttft(dep.name, ttft)
-        breaker.record(ok=True, ttft_s=ttft)
         if reply.stream is None:
-            release(ok=True, ttft_s=ttft)
             ctx.upstream_ms = ttft * 1000
-            read_unary(ctx, dep, reply)
+            try:
+                read_unary(ctx, dep, reply)  # garbage bodies are the deployment's failure
+            except UpstreamError:
+                breaker.record(ok=False)
+                release(ok=False)
+                raise
+            breaker.record(ok=True, ttft_s=ttft)
+            release(ok=True, ttft_s=ttft)
         else:
-            async def release_at_end(ctx: RequestContext) -> None:
-                release(ok=ctx.status < 500, ttft_s=ttft)
+            async def settle_stream(ctx: RequestContext) -> None:
+                # A stream's health is known only at its end: a cut or broken stream is a failure.
+                upstream_failed = ctx.error_code in _STREAM_FAILURES
+                breaker.record(ok=not upstream_failed, ttft_s=ttft)
+                release(ok=not upstream_failed, ttft_s=ttft)
 
-            ctx.finalizers.append(release_at_end)
+            ctx.finalizers.append(settle_stream)
         return reply
 
     async def _send(self, call: UpstreamCall, dep: Deployment, ctx: RequestContext) -> Reply:
         """One provider call, under the TTFT timeout; for a stream, up to its first chunk."""
         clock, name = self._clock, dep.provider.name
+        limit = dep.ttft_timeout_s
+        left = ctx.deadline_s(clock)
+        if left is not None:
+            limit = left if limit is None else min(limit, left)
         try:
-            async with clock.timeout(dep.ttft_timeout_s):
+            async with clock.timeout(limit):
                 reply = await dep.provider.send(call)
                 if reply.stream is None:
                     return reply
@@ -260,9 +320,17 @@ class UpstreamCaller:
                     await reply.stream.aclose()
                     raise
         except TimeoutError:
-            raise ProviderTimeoutError(f"upstream {name} sent nothing within {dep.ttft_timeout_s}s") from None
+            raise ProviderTimeoutError(f"upstream {name} sent nothing within {limit:.3g}s") from None
         return Reply(status=reply.status, stream=_PrimedStream(reply.stream, it, first, clock, dep.idle_timeout_s, name),
                      headers=reply.headers)
+
+
+_STREAM_FAILURES = frozenset({"bad_upstream_response", "upstream_timeout", "upstream_unavailable"})
+
+
+async def _refund(ctx: RequestContext, settle: Settle | None) -> None:
+    if settle is not None:
+        await settle(ctx, False)
 
 
 def _all_unhealthy(err: SetpointError) -> bool:

@@ -7,6 +7,7 @@ from setpoint.policy.caller import Resilience, UpstreamCaller
 from setpoint.policy.stage import compose
 from setpoint.policy.stages.auth import AuthStage
 from setpoint.policy.stages.budget import BudgetStage
+from setpoint.policy.stages.cache import CacheStage
 from setpoint.policy.stages.parse import ParseStage
 from setpoint.policy.stages.rate_limit import RateLimitStage
 from setpoint.policy.stages.route import RouteStage
@@ -17,22 +18,29 @@ __all__ = ["build_pipelines"]
 
 
 def build_pipelines(auth: AuthStage, runtime: Runtime, resilience: Resilience) -> dict[str, Next]:
-    """auth -> parse -> route -> rate_limit -> budget -> caller (breaker -> concurrency -> retry ->
+    """auth -> parse -> route -> cache -> rate_limit -> budget -> caller (breaker -> concurrency -> retry ->
     timeout -> provider, per candidate); stages without rules are left out."""
     cfg, clock, routes = runtime.config, runtime.clock, runtime.routes
     policy: list[Stage] = []
-    if cfg.rate_limits:
-        policy.append(RateLimitStage(cfg.rate_limits, runtime.state, clock, runtime.estimator))
+    caches = {alias: m.cache for alias, m in cfg.models.items() if m.cache is not None}
+    if caches:
+        policy.append(CacheStage(runtime.state, clock, caches))  # before limits and budgets: a hit is free
+    request_limits = RateLimitStage(cfg.rate_limits, runtime.state, clock, runtime.estimator,
+                                    scopes=frozenset({"key", "team", "user", "model"}))
+    deployment_limits = RateLimitStage(cfg.rate_limits, runtime.state, clock, runtime.estimator,
+                                       scopes=frozenset({"deployment"}))
+    if request_limits.is_active:
+        policy.append(request_limits)
     if cfg.budgets:
         max_output = {alias: m.max_output_tokens for alias, m in cfg.models.items()}
         policy.append(BudgetStage(cfg.budgets, runtime.state, clock, runtime.estimator, routes, max_output))
     return {
         "chat": compose(
             [auth, ParseStage(parse_chat, allow_stream=True), RouteStage(routes, "chat"), *policy],
-            UpstreamCaller("/chat/completions", clock, resilience, routes),
+            UpstreamCaller("/chat/completions", clock, resilience, routes, deployment_limits),
         ),
         "embeddings": compose(
             [auth, ParseStage(parse_embeddings, allow_stream=False), RouteStage(routes, "embedding"), *policy],
-            UpstreamCaller("/embeddings", clock, resilience, routes),
+            UpstreamCaller("/embeddings", clock, resilience, routes, deployment_limits),
         ),
     }

@@ -52,6 +52,8 @@ class RequestContext:
     deadline_at: float | None = None  # monotonic seconds; from x-setpoint-deadline-ms
     cost_micros: int | None = None  # set once usage is final
     is_recorded: bool = False
+    is_cache_hit: bool = False
+    stream_payloads: list[bytes] | None = None  # the upstream's stream events (for the cache)
     is_body_modified: bool = False  # a stage changed `body`: it must be re-serialised upstream
     stream_guard: StreamGuard | None = None
     finalizers: list[Finalizer] = field(default_factory=list)  # run once, when the request ends

@@ -22,7 +22,7 @@ from setpoint.errors import (
 )
 from setpoint.proxy.context import RequestContext
 from setpoint.proxy.streaming import StreamRelay
-from setpoint.types import Next, Reply
+from setpoint.types import Next, Reply, Usage
 from setpoint.wire.error_body import error_body, error_event
 
 if TYPE_CHECKING:
@@ -86,10 +86,13 @@ class ApiHandlers:
         if ctx.is_recorded:
             return
         ctx.is_recorded = True
-        if not ctx.usage.is_reported and ctx.upstream_started is not None and outputs is not None:
+        if ctx.is_cache_hit:
+            ctx.usage = Usage()  # nothing was generated upstream: free (saved_* annotations say what it saved)
+            ctx.cost_micros = 0
+        elif not ctx.usage.is_reported and ctx.upstream_started is not None and outputs is not None:
             fill_missing_usage(ctx, outputs())
         dep = ctx.deployment
-        if dep is not None and dep.pricing is not None:
+        if dep is not None and dep.pricing is not None and not ctx.is_cache_hit:
             ctx.cost_micros = dep.pricing.cost_micros(ctx.usage)
         for fin in ctx.finalizers:
             try:
@@ -148,6 +151,7 @@ class ApiHandlers:
         assert reply.stream is not None
         upstream = reply.stream
         relay = StreamRelay(ctx, self._clock)
+        ctx.stream_payloads = relay.payloads
         chunks: AsyncIterator[bytes] = aiter(upstream)
         guard = ctx.stream_guard
         try:

@@ -24,6 +24,7 @@ from typing import Protocol
 
 __all__ = [
     "BucketCharge",
+    "CacheStore",
     "LedgerLine",
     "LedgerStore",
     "LimiterStore",
@@ -88,7 +89,15 @@ class LedgerStore(Protocol):
     async def spent(self, lines: Sequence[LedgerLine], now: float) -> list[int]: ...
 
 
-class StateStore(LimiterStore, LedgerStore, Protocol):
+class CacheStore(Protocol):
+    """Opaque values with a time to live (response cache)."""
+
+    async def cache_get(self, key: str, now: float) -> bytes | None: ...
+
+    async def cache_put(self, key: str, value: bytes, ttl_s: float, now: float) -> None: ...
+
+
+class StateStore(LimiterStore, LedgerStore, CacheStore, Protocol):
     name: str
 
     async def start(self) -> None: ...

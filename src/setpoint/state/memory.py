@@ -3,6 +3,7 @@ with respect to every other coroutine on the event loop."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -33,9 +34,11 @@ class _Line:
 class MemoryStateStore:
     name = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, cache_entries: int = 10_000) -> None:
         self._buckets: dict[str, _Bucket] = {}
         self._lines: dict[str, _Line] = {}
+        self._cache: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # LRU
+        self._cache_entries = cache_entries
 
     async def start(self) -> None:
         return None
@@ -74,11 +77,15 @@ class MemoryStateStore:
 
     # -- ledger ---------------------------------------------------------------------------------
 
-    def _line(self, line: LedgerLine, now: float) -> _Line:
+    def _line(self, line: LedgerLine, now: float, *, write: bool = True) -> _Line:
+        """The line's state; a write keeps it for another `ttl_s` (reads do not)."""
         ln = self._lines.get(line.key)
         if ln is None or ln.expires_at <= now:
             ln = self._lines[line.key] = _Line()
-        ln.expires_at = now + line.ttl_s
+            if not write:
+                ln.expires_at = now + line.ttl_s
+        if write:
+            ln.expires_at = now + line.ttl_s
         return ln
 
     def _check(self, lines: Sequence[LedgerLine], states: list[_Line], amount: int, now: float) -> ReserveResult:
@@ -97,10 +104,11 @@ class MemoryStateStore:
     def _hold(
         self, lines: Sequence[LedgerLine], hold_id: str, amount: int, now: float, hold_ttl_s: float, *, grow: bool
     ) -> ReserveResult:
-        states = [self._line(ln, now) for ln in lines]
+        states = [self._line(ln, now, write=False) for ln in lines]
         res = self._check(lines, states, amount, now)
         if res.ok:
-            for st in states:
+            for ln, st in zip(lines, states, strict=True):
+                st.expires_at = now + ln.ttl_s
                 current = st.holds.get(hold_id, (0, 0.0))[0] if grow else 0
                 st.holds[hold_id] = (current + amount, now + hold_ttl_s)
             res.remaining = [None if r is None else r - amount for r in res.remaining]
@@ -123,7 +131,25 @@ class MemoryStateStore:
             st.spent += actual
 
     async def remaining(self, lines: Sequence[LedgerLine], now: float) -> list[int | None]:
-        return self._check(lines, [self._line(ln, now) for ln in lines], 0, now).remaining
+        return self._check(lines, [self._line(ln, now, write=False) for ln in lines], 0, now).remaining
 
     async def spent(self, lines: Sequence[LedgerLine], now: float) -> list[int]:
-        return [self._line(ln, now).spent for ln in lines]
+        return [self._line(ln, now, write=False).spent for ln in lines]
+
+    # -- cache ----------------------------------------------------------------------------------
+
+    async def cache_get(self, key: str, now: float) -> bytes | None:
+        hit = self._cache.get(key)
+        if hit is None:
+            return None
+        if hit[1] <= now:
+            del self._cache[key]
+            return None
+        self._cache.move_to_end(key)
+        return hit[0]
+
+    async def cache_put(self, key: str, value: bytes, ttl_s: float, now: float) -> None:
+        self._cache[key] = (value, now + ttl_s)
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._cache_entries:
+            self._cache.popitem(last=False)

@@ -46,7 +46,9 @@ end
 for i = 1, n do
   local cap, rate, amt = tonumber(ARGV[3*i-1]), tonumber(ARGV[3*i]), tonumber(ARGV[3*i+1])
   local lvl = levels[i] - amt
-  redis.call('HSET', KEYS[i], 'l', tostring(lvl), 't', tostring(now))
+  local ts = tonumber(redis.call('HGET', KEYS[i], 't') or '')
+  if ts == nil or now > ts then ts = now end  -- never move a bucket's clock backwards
+  redis.call('HSET', KEYS[i], 'l', tostring(lvl), 't', tostring(ts))
   local ttl = 60
   if rate > 0 then ttl = math.ceil(cap / rate) * 2 + 60 end
   redis.call('EXPIRE', KEYS[i], ttl)
@@ -83,6 +85,8 @@ local refused = ''
 for i = 1, n do
   local L, H, X = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
   local lim = ARGV[4 + 2*i]
+  local le = tonumber(redis.call('HGET', L, 'e') or '')
+  if le ~= nil and le <= now then redis.call('DEL', L, H, X) end
   local ex = redis.call('ZRANGEBYSCORE', X, '-inf', now)
   if #ex > 0 then
     redis.call('HDEL', H, unpack(ex))
@@ -108,6 +112,7 @@ for i = 1, n do
   if mode == 'extend' then redis.call('HINCRBY', H, hid, amt) else redis.call('HSET', H, hid, amt) end
   redis.call('ZADD', X, now + httl, hid)
   redis.call('HSETNX', L, 's', 0)
+  redis.call('HSET', L, 'e', tostring(now + tonumber(ARGV[5 + 2*i])))
   redis.call('EXPIRE', L, ttl); redis.call('EXPIRE', H, ttl); redis.call('EXPIRE', X, ttl)
   if rem[i] ~= '' then rem[i] = rem[i] - amt end
   rem[i] = tostring(rem[i])
@@ -116,11 +121,14 @@ return {1, '', rem}
 """
 
 _SETTLE = """
-local hid, actual = ARGV[1], tonumber(ARGV[2])
+local hid, actual, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local out = {}
 for i = 1, #KEYS / 3 do
   local L, H, X = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
-  local ttl = math.ceil(tonumber(ARGV[2 + i]))
+  local ttl = math.ceil(tonumber(ARGV[3 + i]))
+  local le = tonumber(redis.call('HGET', L, 'e') or '')
+  if le ~= nil and le <= now then redis.call('DEL', L, H, X) end
+  redis.call('HSET', L, 'e', tostring(now + tonumber(ARGV[3 + i])))
   redis.call('HDEL', H, hid)
   redis.call('ZREM', X, hid)
   out[i] = redis.call('HINCRBY', L, 's', actual)
@@ -130,8 +138,13 @@ return out
 """
 
 _SPENT = """
+local now = tonumber(ARGV[1])
 local out = {}
-for i = 1, #KEYS do out[i] = tonumber(redis.call('HGET', KEYS[i], 's') or '0') end
+for i = 1, #KEYS do
+  local st = redis.call('HMGET', KEYS[i], 's', 'e')
+  local e = tonumber(st[2])
+  if e ~= nil and e <= now then out[i] = 0 else out[i] = tonumber(st[1] or '0') end
+end
 return out
 """
 
@@ -163,10 +176,15 @@ def _remaining(raw: Sequence[bytes | str]) -> list[int | None]:
 class RedisStateStore:
     name = "redis"
 
-    def __init__(self, url: str, *, timeout_s: float = 0.5) -> None:
-        self._client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
+    def __init__(self, url: str, *, timeout_s: float = 0.5, max_connections: int = 256) -> None:
+        # A blocking pool: past `max_connections` operations wait (up to timeout_s) for a connection
+        # instead of failing, so load does not turn into StateBackendError.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout_s,
+            socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
         )
+        self._pool = pool
+        self._client = aioredis.Redis(connection_pool=pool)
         self._take = self._client.register_script(_TAKE)
         self._adjust = self._client.register_script(_ADJUST)
         self._reserve = self._client.register_script(_RESERVE)
@@ -178,6 +196,7 @@ class RedisStateStore:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        await self._pool.disconnect()  # a pool passed in explicitly is not closed by the client
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
@@ -219,7 +238,7 @@ class RedisStateStore:
         return await self._ledger("extend", lines, hold_id, amount, now, hold_ttl_s)
 
     async def settle(self, lines: Sequence[LedgerLine], hold_id: str, actual: int, now: float) -> None:
-        args: list[Any] = [hold_id, int(actual)] + [repr(ln.ttl_s) for ln in lines]
+        args: list[Any] = [hold_id, int(actual), repr(now)] + [repr(ln.ttl_s) for ln in lines]
         await self._call(self._settle, _line_keys(lines), args)
 
     async def remaining(self, lines: Sequence[LedgerLine], now: float) -> list[int | None]:
@@ -227,4 +246,24 @@ class RedisStateStore:
 
     async def spent(self, lines: Sequence[LedgerLine], now: float) -> list[int]:
         keys = [_PREFIX + "l:" + ln.key for ln in lines]
-        return [int(x) for x in await self._call(self._spent, keys, [])]
+        return [int(x) for x in await self._call(self._spent, keys, [repr(now)])]
+
+    async def cache_get(self, key: str, now: float) -> bytes | None:
+        try:
+            value = await self._client.get(_PREFIX + "c:" + key)
+        except (RedisError, OSError) as exc:
+            raise StateBackendError(f"redis state store unavailable: {type(exc).__name__}") from exc
+        if not isinstance(value, bytes):
+            return None
+        expires, _, payload = value.partition(b"\n")
+        return payload if float(expires) > now else None
+
+    async def cache_put(self, key: str, value: bytes, ttl_s: float, now: float) -> None:
+        # The expiry travels with the value and is checked against the injected clock (virtual time
+        # works); Redis's own TTL only collects the garbage.
+        try:
+            await self._client.set(
+                _PREFIX + "c:" + key, repr(now + ttl_s).encode() + b"\n" + value, px=max(1, int(ttl_s * 1000))
+            )
+        except (RedisError, OSError) as exc:
+            raise StateBackendError(f"redis state store unavailable: {type(exc).__name__}") from exc

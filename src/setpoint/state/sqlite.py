@@ -23,6 +23,8 @@ T = TypeVar("T")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS buckets (key TEXT PRIMARY KEY, level REAL NOT NULL, ts REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS ledger (key TEXT PRIMARY KEY, spent INTEGER NOT NULL, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS cache (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS cache_expiry ON cache (expires_at);
 CREATE TABLE IF NOT EXISTS holds (
     key TEXT NOT NULL, hold_id TEXT NOT NULL, amount INTEGER NOT NULL, expires_at REAL NOT NULL,
     PRIMARY KEY (key, hold_id)
@@ -101,7 +103,7 @@ class SqliteStateStore:
             after = [lvl - c.amount for c, lvl in zip(charges, levels, strict=True)]
             conn.executemany(
                 "INSERT INTO buckets (key, level, ts) VALUES (?, ?, ?) "
-                "ON CONFLICT(key) DO UPDATE SET level = excluded.level, ts = excluded.ts",
+                "ON CONFLICT(key) DO UPDATE SET level = excluded.level, ts = max(buckets.ts, excluded.ts)",
                 [(c.key, lvl, now) for c, lvl in zip(charges, after, strict=True)],
             )
             return TakeResult(ok=True, levels=after)
@@ -191,3 +193,26 @@ class SqliteStateStore:
             return out
 
         return await self._tx(op)
+
+    # -- cache ----------------------------------------------------------------------------------
+
+    async def cache_get(self, key: str, now: float) -> bytes | None:
+        def op() -> bytes | None:
+            row = self._conn().execute("SELECT value FROM cache WHERE key = ? AND expires_at > ?", (key, now)).fetchone()
+            return bytes(row[0]) if row else None
+
+        try:
+            return await asyncio.to_thread(op)
+        except sqlite3.Error as exc:
+            raise StateBackendError(f"sqlite state store unavailable: {exc}") from exc
+
+    async def cache_put(self, key: str, value: bytes, ttl_s: float, now: float) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO cache (key, value, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+                (key, value, now + ttl_s),
+            )
+            conn.execute("DELETE FROM cache WHERE rowid IN (SELECT rowid FROM cache WHERE expires_at <= ? LIMIT 100)", (now,))
+
+        await self._tx(op)

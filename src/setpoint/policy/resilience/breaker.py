@@ -60,7 +60,7 @@ class CircuitBreaker:
     def _to(self, state: BreakerState, now: float) -> None:
         self.state = state
         self.transitions += 1
-        if state is BreakerState.OPEN:
+        if state is not BreakerState.CLOSED:
             self._opened_at = now
         self._probes_out = self._probes_ok = 0
         if state is BreakerState.CLOSED:
@@ -75,7 +75,10 @@ class CircuitBreaker:
             self._to(BreakerState.HALF_OPEN, now)
         if self.state is BreakerState.HALF_OPEN:
             if self._probes_out >= self._cfg.half_open_probes:
-                return False
+                if now - self._opened_at < 2 * self._cfg.open_s:
+                    return False
+                self._to(BreakerState.HALF_OPEN, now)  # probes never reported back: start probing afresh
+                self._opened_at = now
             self._probes_out += 1
         return True
 

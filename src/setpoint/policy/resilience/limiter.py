@@ -82,14 +82,16 @@ class AdaptiveLimiter:
         try:
             async with self._clock.timeout(wait_s):
                 await fut
-        except TimeoutError:
-            self.shed += 1
-            raise OverloadedError(
-                f"deployment {self.name}: no capacity within {wait_s:.1f}s", retry_after_s=1.0
-            ) from None
-        except BaseException:
+        except BaseException as exc:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
+                if isinstance(exc, TimeoutError):
+                    return  # granted in the same turn as the timeout fired: keep the slot
                 self._release_slot()  # granted just as we gave up: pass it on
+            if isinstance(exc, TimeoutError):
+                self.shed += 1
+                raise OverloadedError(
+                    f"deployment {self.name}: no capacity within {wait_s:.1f}s", retry_after_s=1.0
+                ) from None
             raise
         # granted: the releaser already counted us in
 

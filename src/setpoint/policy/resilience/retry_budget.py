@@ -2,8 +2,11 @@
 `ratio` extra upstream attempts per client request over a sliding `window_s`, plus a small floor of
 `min_per_s` so a quiet gateway can still retry.
 
-Bound, over any window of `window_s`: upstream attempts <= (1 + ratio) x client requests
-+ min_per_s x window_s. Tested in tests/scenarios.
+Bound: whenever a retry is allowed, the retries of the preceding `window_s` are at most
+`ratio x (client requests of that window) + min_per_s x window_s`. Over an arbitrary window W of
+length `window_s`, retries are therefore at most `ratio x` the client requests of W and of the
+`window_s` before it, plus the floor; over a long period T, upstream attempts <=
+(1 + ratio) x client requests + min_per_s x T. Tested in tests/scenarios.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from setpoint.accounting.usage_fallback import count_prompt
 from setpoint.clock import Clock
 from setpoint.config.schema import BudgetConfig
 from setpoint.errors import BudgetExceededError, StateBackendError
-from setpoint.models import ModelRoute
+from setpoint.models import Deployment, ModelRoute
 from setpoint.policy.stages.rate_limit import requested_output_tokens
 from setpoint.policy.stages.scopes import entity_for
 from setpoint.pricing import Pricing
@@ -161,8 +161,8 @@ class BudgetStage:
             await self._degrade(ctx, matches, now)
         except StateBackendError:
             pass  # degrading is an optimisation; the reservation below applies the failure policy
-        dep = ctx.deployment
-        pricing = dep.pricing if dep is not None else None
+        # Any deployment of the alias may end up serving (fallback, strategy): hold at the dearest price.
+        pricing = _dearest(ctx.route.deployments) if ctx.route is not None else None
         if pricing is None:
             ctx.annotations["budget"] = "unpriced"  # cost unknown: tracked as zero, never refused
             pricing = Pricing(0, 0, 0, 0)
@@ -235,6 +235,18 @@ class BudgetStage:
                 ctx.annotations.setdefault("soft_budget_exceeded", []).append(m.line.key)
                 log.warning("soft budget exceeded: %s spent %d of %d micro-dollars",
                             m.line.key, s, round(m.rule.limit_usd * 1_000_000))
+
+
+def _dearest(deployments: tuple[Deployment, ...]) -> Pricing | None:
+    """A price no deployment of the route exceeds, per token kind (None if none is priced)."""
+    priced = [d.pricing for d in deployments if d.pricing is not None]
+    if not priced:
+        return None
+    return Pricing(
+        max(p.input_pico for p in priced), max(p.cached_input_pico for p in priced),
+        max(p.output_pico for p in priced),
+        max(p.output_pico if p.reasoning_pico < 0 else p.reasoning_pico for p in priced),
+    )
 
 
 def _describe(line_key: str | None) -> str:

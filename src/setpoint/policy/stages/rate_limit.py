@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,7 +25,7 @@ from setpoint.proxy.context import RequestContext
 from setpoint.state.base import BucketCharge, LimiterStore
 from setpoint.types import Next, Reply
 
-__all__ = ["RateLimitStage"]
+__all__ = ["RateLimitStage", "Settle", "requested_output_tokens"]
 
 log = logging.getLogger("setpoint.rate_limit")
 
@@ -46,14 +47,28 @@ def requested_output_tokens(ctx: RequestContext) -> int | None:
     return None
 
 
+Settle = Callable[[RequestContext, bool], Awaitable[None]]  # (ctx, counts as used) -> None
+
+
 class RateLimitStage:
+    """The stage handles every scope but `deployment`; the caller admits deployment-scope limits per
+    attempt through `admit`, since only it knows which deployment serves (fallbacks, strategies)."""
+
     name: ClassVar[str] = "rate_limit"
 
-    def __init__(self, rules: list[RateLimitConfig], store: LimiterStore, clock: Clock, estimator: OutputEstimator) -> None:
-        self._rules = list(enumerate(rules))
+    def __init__(
+        self, rules: list[RateLimitConfig], store: LimiterStore, clock: Clock, estimator: OutputEstimator,
+        *, scopes: frozenset[str],
+    ) -> None:
+        self._rules = [(i, r) for i, r in enumerate(rules) if r.scope in scopes]
         self._store = store
         self._clock = clock
         self._estimator = estimator
+        self._needs_tokens = any(r.tpm or r.input_tpm or r.output_tpm for _, r in self._rules)
+
+    @property
+    def is_active(self) -> bool:
+        return bool(self._rules)
 
     def _charges(self, ctx: RequestContext, prompt: int, output: int) -> list[_Charge]:
         out: list[_Charge] = []
@@ -70,26 +85,27 @@ class RateLimitStage:
                 out.append(_Charge(rule, kind, BucketCharge(key, float(limit), limit / 60.0, float(amount))))
         return out
 
-    async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
+    async def admit(self, ctx: RequestContext) -> Settle | None:
+        """Take every bucket that applies (all or none); raises RateLimitedError when refused.
+
+        Returns the settle function (None when nothing applied or the store failed open)."""
         if not any(entity_for(ctx, r.scope) is not None for _, r in self._rules):
-            return await call_next(ctx)
-        needs_tokens = any(r.tpm or r.input_tpm or r.output_tpm for _, r in self._rules)
-        prompt = count_prompt(ctx) if needs_tokens else 0
+            return None
+        prompt = count_prompt(ctx) if self._needs_tokens else 0
         wanted = requested_output_tokens(ctx)
         key_id = ctx.key.id if ctx.key else "-"
         output = 0 if ctx.endpoint == "embeddings" else (wanted if wanted is not None else self._estimator.estimate(key_id, ctx.model))
         charges = self._charges(ctx, prompt, output)
         if not charges:
-            return await call_next(ctx)
-        now = self._clock.now()
+            return None
         try:
-            res = await self._store.take([c.bucket for c in charges], now)
+            res = await self._store.take([c.bucket for c in charges], self._clock.now())
         except StateBackendError:
             if any(c.rule.on_store_error == "closed" for c in charges):
                 raise
             log.warning("rate-limit store unavailable; failing open for request %s", ctx.request_id)
             ctx.annotations["rate_limit"] = "store_unavailable"
-            return await call_next(ctx)
+            return None
         self._headers(ctx, charges, res.levels)
         if not res.ok:
             raise RateLimitedError(
@@ -97,22 +113,23 @@ class RateLimitStage:
                 retry_after_s=res.retry_after_s,
             )
 
-        async def settle(ctx: RequestContext) -> None:
-            # Give back what was reserved and not used (or take what was used beyond it).
-            if ctx.upstream_started is None:
-                actual_in = actual_out = 0  # never reached the upstream: refund everything
-                refund_request = True
-            else:
-                actual_in, actual_out = ctx.usage.prompt_tokens, ctx.usage.completion_tokens
-                refund_request = False
-            deltas = {"rpm": 1 if refund_request else 0, "tpm": prompt + output - actual_in - actual_out,
+        async def settle(ctx: RequestContext, used: bool) -> None:
+            # Give back what was reserved and not used (or take what was used beyond it). A request
+            # that never reached the upstream gets its request slot back too.
+            actual_in, actual_out = (ctx.usage.prompt_tokens, ctx.usage.completion_tokens) if used else (0, 0)
+            deltas = {"rpm": 0 if used else 1, "tpm": prompt + output - actual_in - actual_out,
                       "input_tpm": prompt - actual_in, "output_tpm": output - actual_out}
             moves = [BucketCharge(c.bucket.key, c.bucket.capacity, c.bucket.rate_per_s, float(deltas[c.kind]))
                      for c in charges if deltas[c.kind]]
             if moves:
                 await self._store.adjust(moves, self._clock.now())
 
-        ctx.finalizers.append(settle)
+        return settle
+
+    async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
+        settle = await self.admit(ctx)
+        if settle is not None:
+            ctx.finalizers.append(lambda c: settle(c, c.upstream_started is not None))
         return await call_next(ctx)
 
     @staticmethod
