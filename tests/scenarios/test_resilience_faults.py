@@ -866,3 +866,24 @@ def test_half_open_probe_ending_in_an_unexpected_error_does_not_wedge_the_breake
     advance(gw, clock, 3600)
     routes = [chat(http, gw).headers["x-setpoint-route"] for _ in range(3)]
     assert routes[-1] == "primary/m", (routes, breaker.state)
+
+
+async def test_429_with_retry_after_cools_the_primary_down_and_traffic_shifts(make_gateway, gateway_rows) -> None:
+    """A primary that answers 429 with Retry-After is skipped for that long: the first request pays one
+    attempt on it, the rest go straight to the fallback as first attempts (no retry budget spent)."""
+    cfg = config(
+        {"primary": sim(1, faults={"rate_limit": 1.0, "retry_after_s": 30}), "backup": sim(2)},
+        {"chat": {"deployments": [dep("primary"), dep("backup")]}},
+        {"retry_budget": {"ratio": 0.0, "min_per_s": 0.1, "window_s": 10.0}, "max_cooldown_s": 30},
+    )
+    gw = make_gateway(cfg)
+    calls = count_upstream_calls(gw)
+    n = 40
+    async with httpx.AsyncClient(timeout=20, trust_env=False) as client:
+        results = [await client.post(gw.base_url + "/chat/completions", json=body(), headers=auth()) for _ in range(n)]
+    assert all(r.status_code == 200 for r in results), [r.text for r in results if r.status_code != 200][:2]
+    assert {r.headers["x-setpoint-route"] for r in results} == {"backup/m"}
+    assert calls["primary"] == 1  # one 429, then it cooled down for its Retry-After
+    assert calls["backup"] == n
+    assert resilience_of(gw).cooldown_s("primary/m") > 25
+    print(f"\n429 with Retry-After 30s: {n}/{n} served by the fallback, primary called {calls['primary']}x")

@@ -411,3 +411,14 @@ async def test_retry_budget_bound_over_any_window() -> None:
     lookback = sum(1 for t, kind in log if start - window_s < t <= end and kind == "first")
     assert retries > ratio * same_window + min_per_s * window_s  # the naive bound is exceeded here...
     assert retries <= ratio * lookback + min_per_s * window_s, (retries, lookback)  # ...the stated one holds
+
+
+async def test_retry_budget_memory_stays_bounded_without_retries() -> None:
+    """Healthy traffic never calls try_retry(); the request log must still be trimmed."""
+    clock = ManualClock()
+    budget = RetryBudget(clock, 0.2, 1.0, 10.0)
+    for _ in range(200):
+        for _ in range(50):
+            budget.on_request()
+        await clock.advance(1.0)
+    assert len(budget._requests) < 50 * 10 + 300  # noqa: SLF001 - about one window's worth, not 10,000

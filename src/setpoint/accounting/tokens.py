@@ -39,8 +39,25 @@ def preload() -> None:
     _encoding()
 
 
+_CACHE_MAX_ENTRIES = 20_000
+_CACHE_MAX_CHARS = 65_536
+_counts: dict[str, int] = {}
+
+
 def count_text(text: str) -> int:
-    return len(_encoding().encode_ordinary(text)) if text else 0
+    """Token count of `text`. Counts of strings seen before come from a bounded cache: agents resend
+    the same system prompt and history on every call, and stream chunks repeat common words."""
+    if not text:
+        return 0
+    hit = _counts.get(text)
+    if hit is not None:
+        return hit
+    n = len(_encoding().encode_ordinary(text))
+    if len(text) <= _CACHE_MAX_CHARS:
+        if len(_counts) >= _CACHE_MAX_ENTRIES:
+            _counts.clear()
+        _counts[text] = n
+    return n
 
 
 def _content_text(content: Any) -> str:

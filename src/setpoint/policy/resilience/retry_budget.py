@@ -36,7 +36,10 @@ class RetryBudget:
 
     def on_request(self) -> None:
         """A client request arrived (deposits `ratio` retries)."""
-        self._requests.append(self._clock.monotonic())
+        now = self._clock.monotonic()
+        self._requests.append(now)
+        if len(self._requests) & 0xFF == 0:
+            self._trim(now)  # bounded memory under healthy traffic too (amortised)
 
     def try_retry(self) -> bool:
         """Withdraw one retry (any attempt after a request's first); False when the budget is spent."""
