@@ -10,11 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from setpoint.errors import StateBackendError
 from setpoint.state.base import BucketCharge, LedgerLine, ReserveResult, TakeResult
+from setpoint.state.resp import RespClient, RespError
 
 __all__ = ["RedisStateStore"]
 
@@ -177,41 +175,29 @@ class RedisStateStore:
     name = "redis"
 
     def __init__(self, url: str, *, timeout_s: float = 0.5, max_connections: int = 256) -> None:
-        # A blocking pool: past `max_connections` operations wait (up to timeout_s) for a connection
-        # instead of failing, so load does not turn into StateBackendError.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=timeout_s,
-            socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-        )
-        self._pool = pool
-        self._client = aioredis.Redis(connection_pool=pool)
-        self._take = self._client.register_script(_TAKE)
-        self._adjust = self._client.register_script(_ADJUST)
-        self._reserve = self._client.register_script(_RESERVE)
-        self._settle = self._client.register_script(_SETTLE)
-        self._spent = self._client.register_script(_SPENT)
+        # Past `max_connections` operations wait for a connection (within timeout_s) instead of failing.
+        self._client = RespClient(url, timeout_s=timeout_s, max_connections=max_connections)
 
     async def start(self) -> None:
         return None
 
     async def aclose(self) -> None:
         await self._client.aclose()
-        await self._pool.disconnect()  # a pool passed in explicitly is not closed by the client
 
-    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+    async def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
         try:
-            return await script(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
-            raise StateBackendError(f"redis state store unavailable: {type(exc).__name__}") from exc
+            return await self._client.eval_script(script, keys, args)
+        except RespError as exc:
+            raise StateBackendError(f"redis state store unavailable: {exc}") from exc
 
     async def take(self, charges: Sequence[BucketCharge], now: float) -> TakeResult:
         keys, args = _bucket_args(charges, now)
-        ok, wait, levels = await self._call(self._take, keys, args)
+        ok, wait, levels = await self._call(_TAKE, keys, args)
         return TakeResult(ok=bool(ok), retry_after_s=float(wait), levels=[float(x) for x in levels])
 
     async def adjust(self, charges: Sequence[BucketCharge], now: float) -> None:
         keys, args = _bucket_args(charges, now)
-        await self._call(self._adjust, keys, args)
+        await self._call(_ADJUST, keys, args)
 
     async def _ledger(
         self, mode: str, lines: Sequence[LedgerLine], hold_id: str, amount: int, now: float, hold_ttl_s: float
@@ -219,7 +205,7 @@ class RedisStateStore:
         args: list[Any] = [repr(now), hold_id, int(amount), repr(hold_ttl_s), mode]
         for ln in lines:
             args += ["" if ln.limit is None else int(ln.limit), repr(ln.ttl_s)]
-        ok, refused, rem = await self._call(self._reserve, _line_keys(lines), args)
+        ok, refused, rem = await self._call(_RESERVE, _line_keys(lines), args)
         refused_s = refused.decode() if isinstance(refused, bytes) else refused
         return ReserveResult(
             ok=bool(ok),
@@ -239,20 +225,20 @@ class RedisStateStore:
 
     async def settle(self, lines: Sequence[LedgerLine], hold_id: str, actual: int, now: float) -> None:
         args: list[Any] = [hold_id, int(actual), repr(now)] + [repr(ln.ttl_s) for ln in lines]
-        await self._call(self._settle, _line_keys(lines), args)
+        await self._call(_SETTLE, _line_keys(lines), args)
 
     async def remaining(self, lines: Sequence[LedgerLine], now: float) -> list[int | None]:
         return (await self._ledger("check", lines, "", 0, now, 0.0)).remaining
 
     async def spent(self, lines: Sequence[LedgerLine], now: float) -> list[int]:
         keys = [_PREFIX + "l:" + ln.key for ln in lines]
-        return [int(x) for x in await self._call(self._spent, keys, [repr(now)])]
+        return [int(x) for x in await self._call(_SPENT, keys, [repr(now)])]
 
     async def cache_get(self, key: str, now: float) -> bytes | None:
         try:
-            value = await self._client.get(_PREFIX + "c:" + key)
-        except (RedisError, OSError) as exc:
-            raise StateBackendError(f"redis state store unavailable: {type(exc).__name__}") from exc
+            value = await self._client.execute("GET", _PREFIX + "c:" + key)
+        except RespError as exc:
+            raise StateBackendError(f"redis state store unavailable: {exc}") from exc
         if not isinstance(value, bytes):
             return None
         expires, _, payload = value.partition(b"\n")
@@ -262,8 +248,8 @@ class RedisStateStore:
         # The expiry travels with the value and is checked against the injected clock (virtual time
         # works); Redis's own TTL only collects the garbage.
         try:
-            await self._client.set(
-                _PREFIX + "c:" + key, repr(now + ttl_s).encode() + b"\n" + value, px=max(1, int(ttl_s * 1000))
+            await self._client.execute(
+                "SET", _PREFIX + "c:" + key, repr(now + ttl_s).encode() + b"\n" + value, "PX", max(1, int(ttl_s * 1000))
             )
-        except (RedisError, OSError) as exc:
-            raise StateBackendError(f"redis state store unavailable: {type(exc).__name__}") from exc
+        except RespError as exc:
+            raise StateBackendError(f"redis state store unavailable: {exc}") from exc
