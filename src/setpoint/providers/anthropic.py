@@ -24,6 +24,7 @@ from setpoint.clock import Clock
 from setpoint.config.schema import AnthropicProviderConfig
 from setpoint.errors import ProviderRejectedError, ProviderResponseError, UpstreamError
 from setpoint.providers.base import error_from_status
+from setpoint.providers.http_session import HttpSession
 
 # The raw-body stream (transport errors mapped, `aclose()` drops the connection) is shared with
 # the OpenAI-compatible adapter rather than written twice.
@@ -539,7 +540,7 @@ class AnthropicProvider:
         self._cfg = cfg
         self._clock = clock
         self._url = cfg.base_url + "/v1/messages"
-        self._session: aiohttp.ClientSession | None = None
+        self._http = HttpSession(cfg.timeouts, cfg.max_connections)
         headers: CIMultiDict[str] = CIMultiDict(
             {"Content-Type": "application/json", "anthropic-version": ANTHROPIC_VERSION}
         )
@@ -547,19 +548,12 @@ class AnthropicProvider:
             headers["x-api-key"] = cfg.api_key
         headers.update(cfg.headers)  # case-insensitive: configured headers replace the defaults
         self._headers = headers
-        self._timeout = aiohttp.ClientTimeout(total=cfg.timeouts.read_s, sock_connect=cfg.timeouts.connect_s)
 
     async def start(self) -> None:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._cfg.max_connections, keepalive_timeout=60, ttl_dns_cache=300)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, skip_auto_headers=("User-Agent",)
-            )
+        await self._http.start()
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.aclose()
 
     async def send(self, call: UpstreamCall) -> Reply:
         if call.path != "/chat/completions":
@@ -567,12 +561,10 @@ class AnthropicProvider:
                 f"upstream {self.name}: Anthropic has no {call.path.strip('/')} endpoint", upstream_status=400
             )
         payload = orjson.dumps(to_anthropic_request(call.body, self._cfg.default_max_tokens, stream=call.is_stream))
-        if self._session is None:
-            await self.start()
-        assert self._session is not None
+        session = await self._http.get()
         created = int(self._clock.now())
         with map_upstream_errors(self.name):
-            resp = await self._session.post(self._url, data=payload, headers=self._headers)
+            resp = await session.post(self._url, data=payload, headers=self._headers)
             await self._raise_for_status(resp)
             if call.is_stream:
                 return Reply(status=200, stream=self._stream(resp, created))

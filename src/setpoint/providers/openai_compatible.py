@@ -12,6 +12,7 @@ import orjson
 from setpoint.config.schema import OpenAICompatibleProviderConfig
 from setpoint.errors import ProviderResponseError, ProviderTimeoutError, ProviderUnavailableError, UpstreamError
 from setpoint.providers.base import error_from_status
+from setpoint.providers.http_session import HttpSession
 from setpoint.types import Reply, UpstreamCall
 
 __all__ = ["OpenAICompatibleProvider"]
@@ -57,34 +58,23 @@ class OpenAICompatibleProvider:
     def __init__(self, name: str, cfg: OpenAICompatibleProviderConfig) -> None:
         self.name = name
         self._cfg = cfg
-        self._session: aiohttp.ClientSession | None = None
+        self._http = HttpSession(cfg.timeouts, cfg.max_connections)
         self._headers = {"Content-Type": "application/json", **cfg.headers}
         if cfg.api_key:
             self._headers["Authorization"] = f"Bearer {cfg.api_key}"
-        self._timeout = aiohttp.ClientTimeout(total=cfg.timeouts.read_s, sock_connect=cfg.timeouts.connect_s)
 
     async def start(self) -> None:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self._cfg.max_connections, keepalive_timeout=60, ttl_dns_cache=300
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, skip_auto_headers=("User-Agent",)
-            )
+        await self._http.start()
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.aclose()
 
     async def send(self, call: UpstreamCall) -> Reply:
-        if self._session is None:
-            await self.start()
-        assert self._session is not None
+        session = await self._http.get()
         url = self._cfg.base_url + call.path
         with map_upstream_errors(self.name):
             data = call.raw if call.raw is not None else orjson.dumps(call.body)
-            resp = await self._session.post(url, data=data, headers=self._headers)
+            resp = await session.post(url, data=data, headers=self._headers)
             if resp.status >= 300:
                 try:
                     body = await resp.read()
