@@ -288,17 +288,17 @@ async def fire(base_urls: list[str], plans: list[Plan], seed: int) -> tuple[list
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("round_no", [0, 1, 2])
 async def test_budget_and_tpm_hold_across_three_gateways(
-    round_no: int, redis_db_url: str, spawn: Callable[..., Any], free_port: Callable[[], int],
+    round_no: int, redis_url: str, spawn: Callable[..., Any], free_port: Callable[[], int],
     write_config: Callable[..., Path], read_rows: Callable[..., list[dict[str, Any]]], tmp_path: Path,
 ) -> None:
     seed = BASE_SEED + round_no
-    print(f"\nscenario seed {seed} (SETPOINT_SCENARIO_SEED={BASE_SEED}), round {round_no}, redis {redis_db_url}")
+    print(f"\nscenario seed {seed} (SETPOINT_SCENARIO_SEED={BASE_SEED}), round {round_no}, redis {redis_url}")
     rng = random.Random(seed)
 
     # Three gateways on one Redis database, started together, then waited for.
     gateways = []
     for g in range(N_GATEWAYS):
-        cfg_path = write_config(gateway_config(tmp_path / f"gw{g}-data", redis_db_url, seed * 10 + g), name=f"gw{g}")
+        cfg_path = write_config(gateway_config(tmp_path / f"gw{g}-data", redis_url, seed * 10 + g), name=f"gw{g}")
         port = free_port()
         proc = spawn(["serve", "--config", str(cfg_path), "--host", LOOPBACK, "--port", str(port)], name=f"gw{g}")
         gateways.append((proc, port, tmp_path / f"gw{g}-data" / "requests.db"))
@@ -371,7 +371,7 @@ async def test_budget_and_tpm_hold_across_three_gateways(
                 assert (rec["status"], rec["error_code"]) in ((200, None), (429, "budget_exceeded")), where
 
     # 3. Redis' settled spend is exactly the sum of the squad's costs; no hold outlives its request.
-    r = redis.Redis.from_url(redis_db_url, socket_timeout=5)
+    r = redis.Redis.from_url(redis_url, socket_timeout=5)
     try:
         settled = int(r.hget(BUDGET_LINE, "s") or 0)
         holds_left = r.hgetall(BUDGET_LINE + ":h")
@@ -456,7 +456,7 @@ async def test_bucket_refill_is_not_credited_twice_when_gateways_interleave(
         store = SqliteStateStore(tmp_path / "state.db")
     else:
         from setpoint.state.redis import RedisStateStore
-        store = RedisStateStore(request.getfixturevalue("redis_db_url"))
+        store = RedisStateStore(request.getfixturevalue("redis_url"))
     await store.start()
     try:
         def charge(n: float) -> list[BucketCharge]:
@@ -472,7 +472,7 @@ async def test_bucket_refill_is_not_credited_twice_when_gateways_interleave(
         await store.aclose()
 
 
-async def test_redis_store_survives_more_concurrent_calls_than_its_pool(redis_db_url: str) -> None:
+async def test_redis_store_survives_more_concurrent_calls_than_its_pool(redis_url: str) -> None:
     """A burst of 150 concurrent requests on one gateway means 150 concurrent `take` calls; the
     store must queue them (or size its pool), not fail. (With redis-py's default pool, 100
     connections that raise MaxConnectionsError when exhausted, 50 of these failed, and the
@@ -480,7 +480,7 @@ async def test_redis_store_survives_more_concurrent_calls_than_its_pool(redis_db
     from setpoint.errors import StateBackendError
     from setpoint.state.redis import RedisStateStore
 
-    store = RedisStateStore(redis_db_url, timeout_s=5.0)
+    store = RedisStateStore(redis_url, timeout_s=5.0)
     await store.start()
     try:
         charge = [BucketCharge("rl:0:key:k:rpm", 1e6, 1e6 / 60, 1.0)]

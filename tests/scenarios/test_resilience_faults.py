@@ -174,23 +174,6 @@ def records_by_id(gateway_rows: Callable[..., list[dict[str, Any]]], gw: Backgro
     return out
 
 
-@pytest.fixture
-def manual_gateway(tmp_path: Path) -> Iterator[Callable[[dict[str, Any], ManualClock], BackgroundGateway]]:
-    """`manual_gateway(config, clock)` -> a started gateway whose runtime runs on `clock`."""
-    started: list[BackgroundGateway] = []
-
-    def make(cfg: dict[str, Any], clock: ManualClock) -> BackgroundGateway:
-        cfg = {**cfg, "data_dir": str(tmp_path / f"manual{len(started)}")}
-        gw = BackgroundGateway(compile_config(parse_config(cfg, env={}), clock=clock))
-        gw.__enter__()
-        started.append(gw)
-        return gw
-
-    yield make
-    for gw in reversed(started):
-        gw.__exit__(None, None, None)
-
-
 def advance(gw: BackgroundGateway, clock: ManualClock, seconds: float) -> None:
     """Move a ManualClock forward on the gateway's own loop (where its sleepers live)."""
     asyncio.run_coroutine_threadsafe(clock.advance(seconds), gw._loop).result(timeout=10)  # noqa: SLF001
@@ -336,7 +319,7 @@ def test_budget_exhausted_request_fails_with_its_last_upstream_error(make_gatewa
 # -- 3. primary down: the breaker opens, probes, and closes again ------------------------------
 
 
-def test_breaker_opens_probes_and_closes_when_primary_recovers(manual_gateway, serve_app, gateway_rows, http) -> None:
+def test_breaker_opens_probes_and_closes_when_primary_recovers(make_gateway, serve_app, gateway_rows, http) -> None:
     upstream = FlipUpstream()
     app = serve_app(upstream.app())
     clock = ManualClock()
@@ -347,7 +330,7 @@ def test_breaker_opens_probes_and_closes_when_primary_recovers(manual_gateway, s
         {"backoff_base_s": 0, "breaker": {"window_s": 60, "min_calls": 4, "failure_rate": 0.5, "open_s": open_s,
                                           "half_open_probes": 2}},
     )
-    gw = manual_gateway(cfg, clock)
+    gw = make_gateway(cfg, clock)
     breaker = resilience_of(gw).breaker("primary/m")
 
     def send() -> tuple[str, str]:
@@ -834,7 +817,7 @@ def test_client_caused_upstream_4xx_does_not_open_the_breaker(make_gateway, serv
 
 
 def test_half_open_probe_ending_in_an_unexpected_error_does_not_wedge_the_breaker(
-        manual_gateway, serve_app, http) -> None:
+        make_gateway, serve_app, http) -> None:
     upstream = FlipUpstream()
     app = serve_app(upstream.app())
     clock = ManualClock()
@@ -843,7 +826,7 @@ def test_half_open_probe_ending_in_an_unexpected_error_does_not_wedge_the_breake
         {"chat": {"deployments": [dep("primary"), dep("backup")]}},
         {"backoff_base_s": 0, "breaker": {"min_calls": 2, "failure_rate": 0.5, "open_s": 30, "half_open_probes": 1}},
     )
-    gw = manual_gateway(cfg, clock)
+    gw = make_gateway(cfg, clock)
     breaker = resilience_of(gw).breaker("primary/m")
     for _ in range(2):
         assert chat(http, gw).headers["x-setpoint-route"] == "backup/m"
