@@ -15,6 +15,13 @@ __all__ = ["count_prompt", "fill_missing_usage", "stream_delta_text", "unary_out
 
 
 def count_prompt(ctx: RequestContext) -> int:
+    """Prompt tokens by the tokenizer; counted once per request (limits, budgets and routing all ask)."""
+    if ctx.prompt_tokens_counted is None:
+        ctx.prompt_tokens_counted = _count_prompt(ctx)
+    return ctx.prompt_tokens_counted
+
+
+def _count_prompt(ctx: RequestContext) -> int:
     if ctx.endpoint == "embeddings":
         inp = ctx.body.get("input")
         items = [inp] if isinstance(inp, str) else inp if isinstance(inp, list) else []

@@ -73,19 +73,15 @@ class Resilience:
     def breaker(self, name: str) -> CircuitBreaker:
         b = self.breakers.get(name)
         if b is None:
-            c = self.cfg.breaker
-            b = self.breakers[name] = CircuitBreaker(name, BreakerConfigValues(
-                window_s=c.window_s, min_calls=c.min_calls, failure_rate=c.failure_rate, slow_call_s=c.slow_call_s,
-                slow_call_rate=c.slow_call_rate, open_s=c.open_s, half_open_probes=c.half_open_probes), self.clock)
+            values = BreakerConfigValues(**self.cfg.breaker.model_dump())
+            b = self.breakers[name] = CircuitBreaker(name, values, self.clock)
         return b
 
     def limiter(self, name: str) -> AdaptiveLimiter:
         lim = self.limiters.get(name)
         if lim is None:
-            c = self.cfg.concurrency
-            lim = self.limiters[name] = AdaptiveLimiter(name, LimiterConfigValues(
-                initial=c.initial, min_limit=c.min_limit, max_limit=c.max_limit, queue=c.queue,
-                queue_timeout_s=c.queue_timeout_s, ttft_target_s=c.ttft_target_s), self.clock)
+            values = LimiterConfigValues(**self.cfg.concurrency.model_dump())
+            lim = self.limiters[name] = AdaptiveLimiter(name, values, self.clock)
         return lim
 
 

@@ -48,6 +48,7 @@ class RequestContext:
     finish_reason: str | None = None
     output_text: list[str] | None = None  # collected only when content logging is on
     run_id: str | None = None
+    prompt_tokens_counted: int | None = None  # tokenizer count of the prompt, once per request
     priority: str = "default"  # critical | default | sheddable
     deadline_at: float | None = None  # monotonic seconds; from x-setpoint-deadline-ms
     cost_micros: int | None = None  # set once usage is final

@@ -139,12 +139,16 @@ class ApiHandlers:
             log.exception("unhandled error in request %s", ctx.request_id)
             return await self._fail(ctx, InternalError("internal error; see the gateway log for request " + ctx.request_id))
 
-    async def _fail(self, ctx: RequestContext, err: SetpointError) -> web.Response:
-        ctx.status, ctx.error_code = err.status, err.wire_code
-        await self._complete(ctx)
+    async def _fail(self, ctx: RequestContext, err: SetpointError, relay: StreamRelay | None = None) -> web.Response:
+        """A JSON error answer (for a stream: one that failed before its first byte reached the client)."""
+        if relay is None:
+            ctx.status, ctx.error_code = err.status, err.wire_code
+            await self._complete(ctx)
+        else:
+            await self._complete_stream(ctx, relay, err.status, err.wire_code)
         resp = error_response(err, ctx.request_id)
         resp.headers.update(ctx.response_headers)
-        resp.headers.update(err.headers())
+        resp.headers.update(err.headers())  # the error's own Retry-After wins
         return resp
 
     async def _stream(self, request: web.Request, ctx: RequestContext, reply: Reply) -> web.StreamResponse:
@@ -164,7 +168,7 @@ class ApiHandlers:
             return await self._fail(ctx, _empty_stream_error(ctx))
         except SetpointError as err:
             await upstream.aclose()
-            return await self._fail_stream(ctx, relay, err)
+            return await self._fail(ctx, err, relay)
         except BaseException:
             await upstream.aclose()
             raise
@@ -204,14 +208,6 @@ class ApiHandlers:
         else:
             await self._complete_stream(ctx, relay, 200, None)
             await _write_quietly(resp, _DONE_EVENT)
-        return resp
-
-    async def _fail_stream(self, ctx: RequestContext, relay: StreamRelay, err: SetpointError) -> web.Response:
-        """A stream that failed before its first byte reached the client: a plain JSON error."""
-        ctx.status, ctx.error_code = err.status, err.wire_code
-        await self._complete_stream(ctx, relay, err.status, err.wire_code)
-        resp = error_response(err, ctx.request_id)
-        resp.headers.update(ctx.response_headers)
         return resp
 
     async def _complete_stream(self, ctx: RequestContext, relay: StreamRelay, status: int, code: str | None) -> None:
