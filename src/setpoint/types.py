@@ -74,6 +74,7 @@ class Provider(Protocol):
     """An upstream adapter. Raises only `setpoint.errors.UpstreamError` subclasses."""
 
     name: str
+    system: ClassVar[str]  # the provider's family for traces: "openai", "anthropic", ...
 
     async def start(self) -> None: ...
 

@@ -300,6 +300,23 @@ class ServerConfig(_Strict):
     )
 
 
+class TracingConfig(_Strict):
+    """OpenTelemetry traces (GenAI semantic conventions) over OTLP/HTTP; off by default."""
+
+    enabled: bool = False
+    endpoint: str = Field("http://127.0.0.1:4318/v1/traces", description="OTLP/HTTP traces endpoint")
+    headers: dict[str, str] = Field(default_factory=dict, description="sent with each export (e.g. an API key)")
+    service_name: str = "setpoint"
+    sample_ratio: float = Field(1.0, ge=0, le=1, description="fraction of new traces recorded (a parent's decision wins)")
+
+
+class ObservabilityConfig(_Strict):
+    metrics: bool = Field(True, description="serve Prometheus metrics at /metrics")
+    metrics_auth: Literal["none", "master_key"] = Field("none", description="require the master key as a bearer token")
+    overhead_header: bool = Field(True, description="send x-setpoint-overhead-ms (gateway time excluding upstream)")
+    tracing: TracingConfig = TracingConfig()
+
+
 class AdminConfig(_Strict):
     master_key: str | None = Field(None, min_length=16, description="empty or unset disables /admin")
 
@@ -321,6 +338,7 @@ class RootConfig(_Strict):
     server: ServerConfig = ServerConfig()
     admin: AdminConfig = AdminConfig()
     logging: LoggingConfig = LoggingConfig()
+    observability: ObservabilityConfig = ObservabilityConfig()
     state: StateConfig = StateConfig()
     accounting: AccountingConfig = AccountingConfig()
     resilience: ResilienceConfig = ResilienceConfig()

@@ -249,27 +249,35 @@ class UpstreamCaller:
         stats = self._res.stats
         stats.inflight[dep.name] = stats.inflight.get(dep.name, 0) + 1
         released = False
+        trace = ctx.trace
+        span = None if trace is None else trace.attempt(ctx, dep, len(ctx.annotations.get("attempts", ())))
 
-        def release(*, ok: bool, rate_limited: bool = False, ttft_s: float | None = None) -> None:
+        def release(*, ok: bool, rate_limited: bool = False, ttft_s: float | None = None,
+                    error: BaseException | None = None) -> None:
             nonlocal released
             if not released:
                 released = True
                 stats.inflight[dep.name] -= 1
                 limiter.release(ok=ok, rate_limited=rate_limited, ttft_s=ttft_s)
+                if span is not None:
+                    trace.end_attempt(span, ctx, error)  # type: ignore[union-attr]
 
         try:
-            reply = await self._send(call, dep, ctx)
+            try:
+                reply = await self._send(call, dep, ctx)
+            finally:
+                ctx.upstream_wait_s += clock.monotonic() - t0
         except UpstreamError as err:
             limited = isinstance(err, ProviderRateLimitedError)
-            release(ok=False, rate_limited=limited)
+            release(ok=False, rate_limited=limited, error=err)
             if limited:
                 self._res.cool_down(dep.name, err.retry_after_s)  # type: ignore[attr-defined]
             # 429 lowers concurrency and cools the deployment down; a 4xx the client caused says
             # nothing about the deployment's health. Neither counts as a breaker failure.
             breaker.record(ok=limited or isinstance(err, ProviderRejectedError))
             raise
-        except BaseException:
-            release(ok=False)
+        except BaseException as exc:
+            release(ok=False, error=exc)
             breaker.abandon()  # an unexpected exit (cancellation): give a half-open probe back
             raise
         ttft = clock.monotonic() - t0
@@ -278,9 +286,9 @@ class UpstreamCaller:
             ctx.upstream_ms = ttft * 1000
             try:
                 read_unary(ctx, dep, reply)  # garbage bodies are the deployment's failure
-            except UpstreamError:
+            except UpstreamError as err:
                 breaker.record(ok=False)
-                release(ok=False)
+                release(ok=False, error=err)
                 raise
             breaker.record(ok=True, ttft_s=ttft)
             release(ok=True, ttft_s=ttft)
@@ -289,7 +297,8 @@ class UpstreamCaller:
                 # A stream's health is known only at its end: a cut or broken stream is a failure.
                 upstream_failed = ctx.error_code in _STREAM_FAILURES
                 breaker.record(ok=not upstream_failed, ttft_s=ttft)
-                release(ok=not upstream_failed, ttft_s=ttft)
+                release(ok=not upstream_failed, ttft_s=ttft,
+                        error=_StreamFailure(ctx.error_code) if upstream_failed else None)
 
             ctx.finalizers.append(settle_stream)
         return reply
@@ -322,6 +331,14 @@ class UpstreamCaller:
 
 
 _STREAM_FAILURES = frozenset({"bad_upstream_response", "upstream_timeout", "upstream_unavailable"})
+
+
+class _StreamFailure(Exception):
+    """How a committed stream ended badly, for its attempt span."""
+
+    def __init__(self, code: str | None) -> None:
+        super().__init__(code)
+        self.wire_code = code
 
 
 async def _refund(ctx: RequestContext, settle: Settle | None) -> None:

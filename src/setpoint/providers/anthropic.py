@@ -535,6 +535,8 @@ class _TranslatedStream:
 
 
 class AnthropicProvider:
+
+    system: ClassVar[str] = "anthropic"  # gen_ai.system in traces
     def __init__(self, name: str, cfg: AnthropicProviderConfig, clock: Clock) -> None:
         self.name = name
         self._cfg = cfg

@@ -11,6 +11,7 @@ from setpoint.types import Usage
 if TYPE_CHECKING:
     from setpoint.keys.model import KeyInfo
     from setpoint.models import Deployment, ModelRoute
+    from setpoint.observability.tracing import RequestTrace
 
 __all__ = ["Finalizer", "RequestContext", "StreamGuard"]
 
@@ -45,6 +46,8 @@ class RequestContext:
     ttft_ms: float | None = None
     upstream_ms: float | None = None
     upstream_started: float | None = None  # monotonic seconds
+    upstream_wait_s: float = 0.0  # time spent waiting on upstream calls up to the response (all attempts)
+    overhead_ms: float | None = None  # gateway time before the response started, excluding upstream waits
     finish_reason: str | None = None
     output_text: list[str] | None = None  # collected only when content logging is on
     run_id: str | None = None
@@ -60,6 +63,7 @@ class RequestContext:
     finalizers: list[Finalizer] = field(default_factory=list)  # run once, when the request ends
     response_headers: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, Any] = field(default_factory=dict)
+    trace: RequestTrace | None = None  # set only when tracing is on
 
     def deadline_s(self, clock: Any) -> float | None:
         """Seconds left before the client's deadline, or None without one."""

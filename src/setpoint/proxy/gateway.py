@@ -13,6 +13,8 @@ from setpoint.errors import MethodNotAllowedError, NotFoundError
 from setpoint.keys.auth import KeyAuthenticator
 from setpoint.keys.store import SqliteKeyStore
 from setpoint.logstore.request_log import RequestLog
+from setpoint.observability.service import MetricsService
+from setpoint.observability.tracing import Tracer
 from setpoint.policy.caller import Resilience
 from setpoint.policy.pipeline import build_pipelines
 from setpoint.policy.stages.auth import AuthStage
@@ -37,10 +39,15 @@ class Gateway:
             interval_s=cfg.logging.flush_interval_ms / 1000, segment_bytes=cfg.logging.spool_segment_bytes,
         )
         self.resilience = Resilience(runtime.config.resilience, runtime.clock)
+        obs = cfg.observability
+        self.metrics = MetricsService(self) if obs.metrics else None
+        self.tracer = Tracer(obs.tracing) if obs.tracing.enabled else None
         self.pipelines = build_pipelines(self.auth_stage, runtime, self.resilience)
 
     async def start(self) -> None:
         self.request_log.start()
+        if self.metrics is not None:
+            await self.metrics.start()
         await self.runtime.state.start()
         cfg = self.runtime.config
         if cfg.budgets or any(r.tpm or r.input_tpm or r.output_tpm for r in cfg.rate_limits):
@@ -52,6 +59,10 @@ class Gateway:
         for p in self.runtime.providers.values():
             await p.aclose()
         await self.runtime.state.aclose()
+        if self.metrics is not None:
+            await self.metrics.stop()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.shutdown)  # exports what is still buffered
         self.request_log.stop()
 
 
@@ -75,6 +86,11 @@ def build_app(gw: Gateway) -> web.Application:
         return web.json_response({"status": "ok", "spool_pending_bytes": gw.request_log.pending_bytes})
 
     r.add_get("/health", health)
+    if gw.metrics is not None:
+        r.add_get("/metrics", gw.metrics.handle)
+
+    from setpoint.dashboard import mount_dashboard  # noqa: PLC0415 - loads jinja2 only here
+    mount_dashboard(app, gw)  # the dashboard at /ui
 
     # Last: anything unmatched gets an OpenAI-shaped 404/405 instead of aiohttp's HTML page.
     known = {res.canonical for res in r.resources()}

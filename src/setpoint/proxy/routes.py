@@ -79,6 +79,9 @@ class ApiHandlers:
         self._max_body = gw.runtime.config.server.max_body_bytes
         self._store_content = gw.runtime.config.logging.store_content
         self._new_id = _RequestIds()
+        self._metrics = gw.metrics.metrics if gw.metrics is not None else None
+        self._tracer = gw.tracer
+        self._overhead_header = gw.runtime.config.observability.overhead_header
 
     async def _complete(self, ctx: RequestContext, outputs: Callable[[], list[str]] | None = None) -> None:
         """End of every request, exactly once, before the client sees its end: settle usage and
@@ -100,6 +103,14 @@ class ApiHandlers:
             except SetpointError as err:
                 log.warning("request %s: finalizer failed: %s", ctx.request_id, err.message)
         latency_ms = (self._clock.monotonic() - ctx.started_mono) * 1000
+        if ctx.overhead_ms is None:  # not a stream that already started: all of it is the answer's time
+            ctx.overhead_ms = max(0.0, latency_ms - ctx.upstream_wait_s * 1000)
+        if self._overhead_header:
+            ctx.response_headers["x-setpoint-overhead-ms"] = f"{ctx.overhead_ms:.3f}"
+        if self._metrics is not None:
+            self._metrics.observe(ctx, latency_ms)
+        if ctx.trace is not None:
+            ctx.trace.finish(ctx)
         self._gw.request_log.append(ctx, latency_ms)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -117,6 +128,8 @@ class ApiHandlers:
         )
         if self._store_content:
             ctx.output_text = []
+        if self._tracer is not None:
+            ctx.trace = self._tracer.start(ctx)
         try:
             ctx.raw = await read_body(request, self._max_body)
             reply = await self._pipelines[endpoint](ctx)
@@ -172,6 +185,9 @@ class ApiHandlers:
         except BaseException:
             await upstream.aclose()
             raise
+        ctx.overhead_ms = max(0.0, (self._clock.monotonic() - ctx.started_mono - ctx.upstream_wait_s) * 1000)
+        if self._overhead_header:
+            ctx.response_headers["x-setpoint-overhead-ms"] = f"{ctx.overhead_ms:.3f}"
         resp = web.StreamResponse(
             status=200, headers={**_SSE_HEADERS, "x-request-id": ctx.request_id, **ctx.response_headers}
         )

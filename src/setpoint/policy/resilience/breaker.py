@@ -87,6 +87,13 @@ class CircuitBreaker:
         if self.state is BreakerState.HALF_OPEN and self._probes_out > 0:
             self._probes_out -= 1
 
+    def snapshot(self) -> dict[str, object]:
+        """Read-only view (dashboard): state and the calls/failures/slow calls in the window."""
+        calls, fails, slow = self._window(self._clock.monotonic())
+        retry = self.retry_after_s() if self.state is BreakerState.OPEN else 0.0
+        return {"state": self.state.value, "calls": calls, "failures": fails, "slow": slow,
+                "retry_after_s": retry, "transitions": self.transitions}
+
     def retry_after_s(self) -> float:
         return max(0.0, self._cfg.open_s - (self._clock.monotonic() - self._opened_at))
 

@@ -49,3 +49,14 @@ class RetryBudget:
             return False
         self._retries.append(now)
         return True
+
+    def available(self) -> float:
+        """Retries that would be allowed right now (for metrics)."""
+        self._trim(self._clock.monotonic())
+        return max(0.0, self._ratio * len(self._requests) + self._floor - len(self._retries))
+
+    def snapshot(self) -> dict[str, float]:
+        """Read-only view (dashboard): client requests and retries in the window, retries allowed."""
+        self._trim(self._clock.monotonic())
+        return {"requests": len(self._requests), "retries": len(self._retries),
+                "allowed": self._ratio * len(self._requests) + self._floor, "window_s": self._window_s}

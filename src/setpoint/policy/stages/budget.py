@@ -39,7 +39,7 @@ from setpoint.proxy.context import RequestContext
 from setpoint.state.base import LedgerLine, LedgerStore, ReserveResult
 from setpoint.types import Next, Reply
 
-__all__ = ["BudgetStage", "period_window"]
+__all__ = ["BudgetStage", "budget_line", "period_window"]
 
 log = logging.getLogger("setpoint.budget")
 
@@ -59,6 +59,13 @@ def period_window(period: str, now: float) -> tuple[str, float]:
         end = calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0)) + days * _DAY
         return time.strftime("m%Y-%m", t), end - now + 2 * _DAY
     return "total", 10 * 365 * _DAY
+
+
+def budget_line(index: int, rule: BudgetConfig, entity: str, now: float) -> LedgerLine:
+    """The ledger line of budget rule `index` (its position in the config) for one entity, this period."""
+    window, ttl = period_window(rule.period, now)
+    limit = round(rule.limit_usd * 1_000_000) if rule.hard else None
+    return LedgerLine(f"bg:{index}:{rule.scope}:{entity}:{window}", limit, ttl)
 
 
 @dataclass(slots=True, frozen=True)
@@ -125,9 +132,7 @@ class BudgetStage:
             entity = entity_for(ctx, rule.scope)
             if entity is None or (rule.name is not None and rule.name != entity):
                 continue
-            window, ttl = period_window(rule.period, now)
-            limit = round(rule.limit_usd * 1_000_000) if rule.hard else None
-            out.append(_Match(rule, LedgerLine(f"bg:{i}:{rule.scope}:{entity}:{window}", limit, ttl)))
+            out.append(_Match(rule, budget_line(i, rule, entity, now)))
         return out
 
     @staticmethod

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from collections.abc import AsyncIterator
 
 from setpoint.clock import Clock
@@ -38,6 +40,8 @@ class _PlanStream:
 
 
 class SimulatedProvider:
+
+    system: ClassVar[str] = "setpoint.simulated"  # gen_ai.system in traces
     def __init__(self, name: str, cfg: SimulatedProviderConfig, clock: Clock) -> None:
         self.name = name
         self._engine = SimulatedEngine(cfg, name)
