@@ -175,3 +175,31 @@ def test_worker_snapshots_merge_counters_and_label_gauges(tmp_path) -> None:
     assert list(peers) == [parent]
     assert not (tmp_path / "999999999.json").exists()
     assert (tmp_path / f"{os.getpid()}.json").exists()
+
+
+def test_two_workers_one_scrape_counts_every_request(serve_gateway, default_config, make_client, keys, http,
+                                                     wait_until) -> None:
+    """`serve --workers 2`: whichever worker answers the scrape reports both workers' requests."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv = serve_gateway(default_config(), workers=2)
+    client = make_client(srv.base_url, keys.all, timeout=30.0)
+    n = 40
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(lambda i: client.chat.completions.create(
+            model="chat-a", messages=[{"role": "user", "content": f"q {i}"}], extra_body={"sim_output_tokens": 2}),
+            range(n)))
+
+    def total() -> float:
+        text = http.get(srv.root_url + "/metrics").text
+        fams = {f.name: f.samples for f in text_string_to_metric_families(text)}
+        return sum(s.value for s in fams["setpoint_requests"] if s.name == "setpoint_requests_total")
+
+    # Snapshots are published every 2 s; every scrape, from either worker, converges on n.
+    wait_until(lambda: total() == n, 15, f"a scrape to report all {n} requests")
+    for _ in range(6):
+        assert total() == n
+    text = http.get(srv.root_url + "/metrics").text
+    workers = {s.labels["worker"] for f in text_string_to_metric_families(text) if f.name == "setpoint_retry_budget_available"
+               for s in f.samples}
+    assert len(workers) == 2
