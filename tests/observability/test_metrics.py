@@ -203,3 +203,21 @@ def test_two_workers_one_scrape_counts_every_request(serve_gateway, default_conf
     workers = {s.labels["worker"] for f in text_string_to_metric_families(text) if f.name == "setpoint_retry_budget_available"
                for s in f.samples}
     assert len(workers) == 2
+
+
+def test_budget_gauges_show_limit_and_remaining(make_gateway, default_config, make_client, http, gateway_rows,
+                                                keys) -> None:
+    cfg = default_config()
+    cfg["budgets"] = [{"scope": "team", "period": "daily", "limit_usd": 5.0},
+                      {"scope": "key", "name": "limited", "period": "monthly", "limit_usd": 2.0}]
+    gw = make_gateway(cfg)
+    make_client(gw.base_url, keys.all).chat.completions.create(model="chat-a", messages=MESSAGES)
+    rows = gateway_rows(gw)
+    fams = scrape(http, gw)
+    spent = rows[0]["cost_micros"]
+    assert spent > 0
+    assert value(fams, "setpoint_budget_limit_usd", scope="team", entity="team-all", period="daily") == 5.0
+    assert value(fams, "setpoint_budget_remaining_usd", scope="team", entity="team-all", period="daily") == (
+        pytest.approx((5_000_000 - spent) / 1e6))
+    # A named budget is reported before it is used.
+    assert value(fams, "setpoint_budget_remaining_usd", scope="key", entity="limited", period="monthly") == 2.0

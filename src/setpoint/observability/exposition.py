@@ -8,7 +8,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from setpoint.observability.metrics import COUNTERS, GAUGES, HISTOGRAMS, Snapshot, split
+from setpoint.observability.metrics import COUNTERS, GAUGES, HISTOGRAMS, SHARED_GAUGES, Snapshot, split
 
 __all__ = ["render"]
 
@@ -40,7 +40,7 @@ class _SnapshotCollector(Collector):
             yield fam_h
         gauges = self._snap.get("gauges", {})
         for name, (doc, labels) in GAUGES.items():
-            names = (*labels, "worker") if self._per_worker else labels
+            names = (*labels, "worker") if self._per_worker and name not in SHARED_GAUGES else labels
             fam_g = GaugeMetricFamily(name, doc, labels=names)
             for key, value in sorted(gauges.get(name, {}).items()):
                 fam_g.add_metric(split(key), value)

@@ -140,6 +140,8 @@ GAUGES: dict[str, tuple[str, Labels]] = {
     "setpoint_budget_remaining_usd": ("Budget remaining (limit minus spend and holds)", ("scope", "entity", "period")),
 }
 Gauge = dict[str, float]  # joined label values -> value
+# Read from shared state by the worker answering the scrape: never labelled per worker.
+SHARED_GAUGES = frozenset({"setpoint_budget_limit_usd", "setpoint_budget_remaining_usd"})
 
 
 def write_snapshot(directory: Path, snap: Snapshot) -> None:

@@ -13,16 +13,18 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from setpoint.errors import AuthenticationError, SetpointError
+from setpoint.errors import AuthenticationError, SetpointError, StateBackendError
 from setpoint.observability.exposition import render
 from setpoint.observability.metrics import (
     Gauge,
     RequestMetrics,
+    join,
     merge_snapshots,
     read_peer_snapshots,
     write_snapshot,
 )
 from setpoint.policy.resilience.breaker import BreakerState
+from setpoint.policy.stages.budget import BudgetStage, budget_line
 from setpoint.proxy.routes import error_response
 
 if TYPE_CHECKING:
@@ -82,20 +84,46 @@ class MetricsService:
                 log.warning("could not write the metrics snapshot: %s", exc)
             await asyncio.sleep(_SNAPSHOT_EVERY_S)
 
-    def exposition(self) -> bytes:
+    async def budget_gauges(self) -> dict[str, Gauge]:
+        """Limit and remaining money of named budgets and of the budget entities this worker saw."""
+        stage = self._gw.stages.get("budget")
+        if not isinstance(stage, BudgetStage):
+            return {}
+        now = self._gw.runtime.clock.now()
+        watched = stage.watched()
+        lines = [budget_line(i, rule, entity, now) for i, rule, entity in watched]
+        try:
+            spent = await self._gw.runtime.state.spent(lines, now)
+        except StateBackendError:
+            return {}  # the store is down: no budget numbers rather than wrong ones
+        limits: Gauge = {}
+        remaining: Gauge = {}
+        for (_, rule, entity), used in zip(watched, spent, strict=True):
+            key = join(rule.scope, entity, rule.period)
+            limit = round(rule.limit_usd * 1_000_000)
+            limits[key] = limit / 1e6
+            remaining[key] = (limit - used) / 1e6
+        return {"setpoint_budget_limit_usd": limits, "setpoint_budget_remaining_usd": remaining}
+
+    def exposition(self, shared: dict[str, Gauge] | None = None) -> bytes:
         own = (os.getpid(), self.metrics.snapshot(self.gauges()))
         horizon = time.time() - _STALE_AFTER_S
         peers = [(pid, snap) for pid, snap in read_peer_snapshots(self._dir, newer_than=horizon)]
-        if not peers:
-            return render(own[1], per_worker=False)
-        return render(merge_snapshots([own, *peers]), per_worker=True)
+        snap = merge_snapshots([own, *peers]) if peers else dict(own[1])
+        if shared:
+            snap["gauges"] = {**snap["gauges"], **shared}
+        return render(snap, per_worker=bool(peers))
 
     async def handle(self, request: web.Request) -> web.Response:
         try:
             self._authorize(request)
         except SetpointError as err:
             return error_response(err)
-        body = await asyncio.to_thread(self.exposition) if _has_peers(self._dir) else self.exposition()
+        shared = await self.budget_gauges()
+        if _has_peers(self._dir):
+            body = await asyncio.to_thread(self.exposition, shared)
+        else:
+            body = self.exposition(shared)
         return web.Response(body=body, headers={"Content-Type": _CONTENT_TYPE})
 
     def _authorize(self, request: web.Request) -> None:

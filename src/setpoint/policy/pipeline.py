@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from setpoint.config.compile import Runtime
 from setpoint.policy.caller import Resilience, UpstreamCaller
 from setpoint.policy.stage import compose
@@ -17,7 +19,9 @@ from setpoint.wire.request import parse_chat, parse_embeddings
 __all__ = ["build_pipelines"]
 
 
-def build_pipelines(auth: AuthStage, runtime: Runtime, resilience: Resilience) -> dict[str, Next]:
+def build_pipelines(
+    auth: AuthStage, runtime: Runtime, resilience: Resilience, on_stage: Callable[[Stage], None] | None = None
+) -> dict[str, Next]:
     """auth -> parse -> route -> cache -> rate_limit -> budget -> caller (breaker -> concurrency -> retry ->
     timeout -> provider, per candidate); stages without rules are left out."""
     cfg, clock, routes = runtime.config, runtime.clock, runtime.routes
@@ -34,6 +38,9 @@ def build_pipelines(auth: AuthStage, runtime: Runtime, resilience: Resilience) -
     if cfg.budgets:
         max_output = {alias: m.max_output_tokens for alias, m in cfg.models.items()}
         policy.append(BudgetStage(cfg.budgets, runtime.state, clock, runtime.estimator, routes, max_output))
+    if on_stage is not None:
+        for stage in policy:
+            on_stage(stage)
     return {
         "chat": compose(
             [auth, ParseStage(parse_chat, allow_stream=True), RouteStage(routes, "chat"), *policy],

@@ -20,6 +20,7 @@ from setpoint.policy.pipeline import build_pipelines
 from setpoint.policy.stages.auth import AuthStage
 from setpoint.proxy.admin import AdminHandlers
 from setpoint.proxy.routes import ApiHandlers, error_response
+from setpoint.types import Stage
 
 __all__ = ["Gateway", "build_app"]
 
@@ -42,7 +43,9 @@ class Gateway:
         obs = cfg.observability
         self.metrics = MetricsService(self) if obs.metrics else None
         self.tracer = Tracer(obs.tracing) if obs.tracing.enabled else None
-        self.pipelines = build_pipelines(self.auth_stage, runtime, self.resilience)
+        self.stages: dict[str, Stage] = {}  # the policy stages in use, by name (for metrics and the dashboard)
+        self.pipelines = build_pipelines(self.auth_stage, runtime, self.resilience,
+                                         on_stage=lambda st: self.stages.__setitem__(st.name, st))
 
     async def start(self) -> None:
         self.request_log.start()

@@ -46,6 +46,7 @@ log = logging.getLogger("setpoint.budget")
 _DAY = 86_400.0
 _HOLD_TTL_S = 900.0  # a hold of a process that died is released after this long
 _MIN_CLAMPED_OUTPUT = 16  # below this a unary request is refused rather than clamped
+_SEEN_MAX = 256  # budget entities remembered per process for the budget gauges
 
 
 def period_window(period: str, now: float) -> tuple[str, float]:
@@ -125,15 +126,29 @@ class BudgetStage:
         self._estimator = estimator
         self._routes = routes
         self._max_output = max_output
+        self.seen: dict[tuple[int, str], None] = {}  # (rule index, entity), most recent last (for metrics)
 
     def _matches(self, ctx: RequestContext, now: float) -> list[_Match]:
         out = []
+        seen = self.seen
         for i, rule in self._rules:
             entity = entity_for(ctx, rule.scope)
             if entity is None or (rule.name is not None and rule.name != entity):
                 continue
+            if rule.scope != "run":  # runs are many and short: not watched
+                k = (i, entity)
+                if seen.pop(k, None) is None and len(seen) >= _SEEN_MAX:
+                    del seen[next(iter(seen))]  # the least recently used
+                seen[k] = None
             out.append(_Match(rule, budget_line(i, rule, entity, now)))
         return out
+
+    def watched(self) -> list[tuple[int, BudgetConfig, str]]:
+        """(rule index, rule, entity) for named budgets and the entities this process saw recently."""
+        out = {(i, rule.name): rule for i, rule in self._rules if rule.name is not None}
+        for i, entity in self.seen:
+            out[(i, entity)] = self._rules[i][1]
+        return [(i, rule, entity) for (i, entity), rule in out.items()]
 
     @staticmethod
     def _fails_closed(matches: list[_Match]) -> bool:
