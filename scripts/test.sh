@@ -12,6 +12,12 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]'
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
+[ -x /usr/bin/chromium ] || need+=(chromium)  # dashboard browser tests (Playwright drives the system Chromium)
+# PostgreSQL server binaries for the request-log tests (pytest-postgresql starts a throwaway server;
+# Debian keeps pg_ctl/initdb in /usr/lib/postgresql/<version>/bin, off PATH: the tests look there too)
+if ! command -v pg_ctl >/dev/null && ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+  need+=(postgresql)
+fi
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 __all__ = [
     "AccountingConfig",
@@ -159,12 +159,23 @@ class DeploymentConfig(_Strict):
     )
 
 
+class SemanticCacheConfig(_Strict):
+    """Serve a cached answer to a prompt that means the same (all-MiniLM-L6-v2; `setpoint[semantic]`)."""
+
+    threshold: float = Field(0.95, ge=0.8, le=1.0, description="cosine similarity needed for a hit")
+    guard: bool = Field(True, description="refuse hits whose numbers, negations, antonyms or names differ")
+    multi_turn: bool = Field(False, description="also match the last user turn of a conversation (same earlier turns)")
+    tools: bool = Field(False, description="also match requests that offer tools (same tool set)")
+    max_entries: int = Field(10_000, ge=1, description="entries kept per partition (oldest evicted)")
+
+
 class CacheConfig(_Strict):
-    """Exact response cache for one model alias (shared state store: `state.url`)."""
+    """Response cache for one model alias (shared state store: `state.url`)."""
 
     ttl_s: float = Field(3600.0, gt=0)
     nondeterministic: bool = Field(False, description="also cache requests without temperature 0")
     partition: Literal["team", "key"] = Field("team", description="tenant boundary: a team (or the key if it has none), or each key")
+    semantic: SemanticCacheConfig | None = Field(None, description="also match prompts by meaning (opt-in)")
 
 
 class ModelConfig(_Strict):
@@ -327,10 +338,29 @@ class AdminConfig(_Strict):
 
 
 class LoggingConfig(_Strict):
+    store: Literal["sqlite", "postgres"] = Field(
+        "sqlite", description="sqlite: data_dir/requests.db; postgres: one database shared by every replica"
+    )
+    postgres_url: str | None = Field(
+        None, validate_default=True, repr=False,  # it may hold a password
+        description="postgresql://user:pass@host:5432/db, usually ${SETPOINT_PG_URL}",
+    )
     store_content: bool = Field(False, description="store prompts and outputs in the request log")
     batch_size: int = Field(1000, ge=1)
     flush_interval_ms: int = Field(200, ge=1)
     spool_segment_bytes: int = Field(64 * 1024 * 1024, ge=4096)
+    retention_days: int = Field(30, ge=0, description="delete request rows and rollups older than this; 0 keeps them")
+
+    @field_validator("postgres_url")
+    @classmethod
+    def _url_for_postgres(cls, v: str | None, info: ValidationInfo) -> str | None:
+        v = v or None  # an empty ${VAR:-} means unset
+        if info.data.get("store") == "postgres":
+            if v is None:
+                raise ValueError("required when logging.store is postgres (e.g. ${SETPOINT_PG_URL})")
+            if not v.startswith(("postgresql://", "postgres://")):
+                raise ValueError("must be a URL starting with postgresql://")  # never echo it: it may hold a password
+        return v
 
 
 class RootConfig(_Strict):

@@ -13,6 +13,7 @@ from setpoint.policy.stages.cache import CacheStage
 from setpoint.policy.stages.parse import ParseStage
 from setpoint.policy.stages.rate_limit import RateLimitStage
 from setpoint.policy.stages.route import RouteStage
+from setpoint.policy.stages.semantic import build_semantic
 from setpoint.types import Next, Stage
 from setpoint.wire.request import parse_chat, parse_embeddings
 
@@ -28,7 +29,8 @@ def build_pipelines(
     policy: list[Stage] = []
     caches = {alias: m.cache for alias, m in cfg.models.items() if m.cache is not None}
     if caches:
-        policy.append(CacheStage(runtime.state, clock, caches))  # before limits and budgets: a hit is free
+        semantic = build_semantic({a: c.semantic for a, c in caches.items() if c.semantic is not None}, runtime.state, clock)
+        policy.append(CacheStage(runtime.state, clock, caches, semantic))  # before limits and budgets: a hit is free
     request_limits = RateLimitStage(cfg.rate_limits, runtime.state, clock, runtime.estimator,
                                     scopes=frozenset({"key", "team", "user", "model"}))
     deployment_limits = RateLimitStage(cfg.rate_limits, runtime.state, clock, runtime.estimator,

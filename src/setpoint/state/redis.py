@@ -175,6 +175,7 @@ class RedisStateStore:
     name = "redis"
 
     def __init__(self, url: str, *, timeout_s: float = 0.5, max_connections: int = 256) -> None:
+        self.url = url
         # Past `max_connections` operations wait for a connection (within timeout_s) instead of failing.
         self._client = RespClient(url, timeout_s=timeout_s, max_connections=max_connections)
 

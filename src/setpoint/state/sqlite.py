@@ -41,6 +41,9 @@ class SqliteStateStore:
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
+        self._idle = threading.Condition(self._conns_lock)  # signalled when an operation ends
+        self._busy = 0
+        self._closed = False
         self._conn().executescript(_SCHEMA)
 
     def _conn(self) -> sqlite3.Connection:
@@ -59,27 +62,47 @@ class SqliteStateStore:
         return None
 
     async def aclose(self) -> None:
-        with self._conns_lock:
-            for c in self._conns:
-                c.close()
-            self._conns.clear()
+        """Refuse new operations, wait (bounded) for those in flight, then close every connection:
+        closing a connection another thread is using crashes the interpreter."""
+
+        def close() -> None:
+            with self._idle:
+                self._closed = True
+                self._idle.wait_for(lambda: self._busy == 0, timeout=30)
+                for c in self._conns:
+                    c.close()
+                self._conns.clear()
+
+        await asyncio.to_thread(close)
+
+    def _run(self, op: Callable[[], T]) -> T:
+        """Run `op` on this thread's connection, counted as in flight; sqlite errors -> StateBackendError."""
+        with self._idle:
+            if self._closed:
+                raise StateBackendError("sqlite state store is closed")
+            self._busy += 1
+        try:
+            return op()
+        except sqlite3.Error as exc:
+            raise StateBackendError(f"sqlite state store unavailable: {exc}") from exc
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
 
     async def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def run() -> T:
             conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    out = fn(conn)
-                    conn.execute("COMMIT")
-                    return out
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise StateBackendError(f"sqlite state store unavailable: {exc}") from exc
+                out = fn(conn)
+                conn.execute("COMMIT")
+                return out
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
 
-        return await asyncio.to_thread(run)
+        return await asyncio.to_thread(self._run, run)
 
     # -- token buckets --------------------------------------------------------------------------
 
@@ -201,10 +224,7 @@ class SqliteStateStore:
             row = self._conn().execute("SELECT value FROM cache WHERE key = ? AND expires_at > ?", (key, now)).fetchone()
             return bytes(row[0]) if row else None
 
-        try:
-            return await asyncio.to_thread(op)
-        except sqlite3.Error as exc:
-            raise StateBackendError(f"sqlite state store unavailable: {exc}") from exc
+        return await asyncio.to_thread(self._run, op)
 
     async def cache_put(self, key: str, value: bytes, ttl_s: float, now: float) -> None:
         def op(conn: sqlite3.Connection) -> None:

@@ -50,7 +50,7 @@ def completion_from_stream(payloads: Iterable[bytes]) -> dict[str, Any] | None:
     out_choices = []
     for idx in sorted(choices):
         ch = choices[idx]
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(ch["content"]) if ch["content"] or not ch["tool_calls"] else None,
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(ch["content"]) or (None if ch["tool_calls"] else ""),
                                    "refusal": ch["refusal"]}
         if ch["tool_calls"]:
             message["tool_calls"] = [ch["tool_calls"][i] for i in sorted(ch["tool_calls"])]
