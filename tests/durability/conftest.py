@@ -18,11 +18,26 @@ from typing import Any
 
 import pytest
 import yaml
+from logstore.pg import PgServer, pg_ctl_for_tests, pg_server_fixture, pg_url_fixture
+from pytest_postgresql import factories
 
 from setpoint.logstore.drainer import SpoolDrainer
 from setpoint.logstore.spool import Spool
 
 SRC_DIR = str(Path(__file__).resolve().parents[2] / "src")
+
+# A throwaway PostgreSQL for the PostgreSQL kill test (the same as tests/logstore's).
+postgresql_proc = factories.postgresql_proc(executable=pg_ctl_for_tests(), port=None)
+
+
+@pytest.fixture(scope="session")
+def pg_server(request: pytest.FixtureRequest) -> Iterator[PgServer]:
+    yield from pg_server_fixture(request)
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> Iterator[str]:
+    yield from pg_url_fixture(pg_server)
 
 
 def make_record(i: int | str, **extra: Any) -> dict[str, Any]:
@@ -144,7 +159,7 @@ def spool_of_dead_process(spool_dir: Path, records: list[dict[str, Any] | str], 
                           env=_child_env())
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
     owner = proc.stdout.decode().strip()
-    assert re.fullmatch(r"\d+-[0-9a-f]{8}", owner), owner
+    assert re.fullmatch(r"\d+-[0-9a-f]{16}", owner), owner
     assert (spool_dir / f"{owner}.lock").exists()  # a killed process leaves its lock file behind
     return owner
 

@@ -137,15 +137,26 @@ def usage(config_path: str | None, by: str, since: str | None, until: str | None
     """Spend and tokens from the request log, grouped."""
     import orjson
 
-    from setpoint.errors import InvalidRequestError
+    from setpoint.errors import InvalidRequestError, StateBackendError
+    from setpoint.logstore.backends import open_reader
     from setpoint.logstore.usage import parse_day, usage_report
 
     runtime = _or_exit(config_path)
     try:
-        rows = usage_report(runtime.data_dir / "requests.db", by, parse_day(since, "since"), parse_day(until, "until"))
+        reader = open_reader(runtime.config.logging, runtime.data_dir)
+    except ConfigError as err:
+        click.echo(str(err), err=True)
+        sys.exit(2)
+    try:
+        rows = usage_report(reader, by, parse_day(since, "since"), parse_day(until, "until"))
     except InvalidRequestError as err:
         click.echo(err.message, err=True)
         sys.exit(2)
+    except StateBackendError as err:  # the log's database cannot be reached
+        click.echo(err.message, err=True)
+        sys.exit(1)
+    finally:
+        reader.close()
     if as_json:
         click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return

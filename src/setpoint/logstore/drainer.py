@@ -2,8 +2,11 @@
 
 Each tick: fsync this process's segment, claim segments of dead processes (their lock is free),
 read whole lines past the committed offset, and commit them with the new offset in one transaction.
-A fully drained segment that is no longer being written is deleted. If the store fails, records
-stay in the spool and the next tick retries: the spool grows, nothing is dropped.
+A fully drained segment that is no longer being written is deleted. If the store fails (SQLite
+locked, PostgreSQL down), the store is closed, records stay in the spool and the next tick reopens
+it and retries: the spool grows, nothing is dropped, `last_error` says why. Every
+`maintain_interval_s` (and on every tick while work is left) the store's retention runs, in short
+batches, from this same thread.
 """
 
 from __future__ import annotations
@@ -12,25 +15,40 @@ import fcntl
 import logging
 import os
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from setpoint.logstore.spool import Spool, segment_owner
-from setpoint.logstore.sqlite_store import SqliteLogStore
+from setpoint.logstore.sql_store import SqlLogStore
 
 __all__ = ["SpoolDrainer"]
 
 log = logging.getLogger("setpoint.logstore")
 
 _READ_WINDOW = 8 * 1024 * 1024
+_LOG_REPEAT_S = 60.0  # the same store error is logged with its traceback at most this often
+
+StoreOpener = Callable[[], SqlLogStore]
+
+
+def _sqlite_at(path: Path) -> StoreOpener:
+    from setpoint.logstore.sqlite_store import SqliteLogStore
+
+    return lambda: SqliteLogStore(path)
 
 
 class SpoolDrainer:
-    def __init__(self, spool: Spool, store_path: Path, batch_size: int, interval_s: float) -> None:
+    maintain_interval_s = 60.0
+
+    def __init__(self, spool: Spool, store: Path | StoreOpener, batch_size: int, interval_s: float) -> None:
+        """`store`: a function opening the writer (called again after a failure), or the path of a
+        SQLite log (kept forever: no retention)."""
         self._spool = spool
-        self._store_path = store_path
+        self._open_store = _sqlite_at(store) if isinstance(store, Path) else store
         self._batch_size = batch_size
         self._interval_s = interval_s
         self._stop = threading.Event()
@@ -39,8 +57,10 @@ class SpoolDrainer:
         self._ticks_done = 0
         self._in_tick = False
         self._thread: threading.Thread | None = None
-        self._store: SqliteLogStore | None = None
+        self._store: SqlLogStore | None = None
         self._claimed: dict[str, int] = {}  # owner -> lock fd, for dead owners we drain
+        self._next_maintain = 0.0
+        self._logged: tuple[str, float] | None = None  # last error logged, when
         self.pending_bytes = 0
         self.last_error: str | None = None
 
@@ -99,11 +119,11 @@ class SpoolDrainer:
 
     def _drain_all(self) -> None:
         try:
-            if self._store is None:
-                self._store = SqliteLogStore(self._store_path)  # retried every tick until it opens
-            store = self._store
             self._spool.sync()
             self._claim_orphans()
+            if self._store is None:
+                self._store = self._open_store()  # retried every tick until it opens
+            store = self._store
             pending = 0
             for seg in sorted(self._spool.directory.glob("*.jsonl")):
                 owner = segment_owner(seg)
@@ -114,10 +134,41 @@ class SpoolDrainer:
                 (self._spool.directory / f"{owner}.lock").unlink(missing_ok=True)
                 os.close(self._claimed.pop(owner))
             self.pending_bytes = pending
+            if not self._stop.is_set() and time.monotonic() >= self._next_maintain:
+                more = store.maintain()
+                self._next_maintain = time.monotonic() + (0.0 if more else self.maintain_interval_s)
             self.last_error = None
+            self._logged = None
         except Exception as exc:  # the background-task boundary: keep the spool, retry next tick
             self.last_error = f"{type(exc).__name__}: {exc}"
+            self.pending_bytes = self._spooled_bytes()
+            self._report(self.last_error)
+            if self._store is not None:  # reopened next tick (a PostgreSQL connection may be gone)
+                store, self._store = self._store, None
+                try:
+                    store.close()
+                except Exception:  # noqa: BLE001 - closing a broken connection may fail too
+                    pass
+
+    def _spooled_bytes(self) -> int:
+        """Bytes in the segments this drainer is responsible for (while the store is failing)."""
+        total = 0
+        for seg in self._spool.directory.glob("*.jsonl"):
+            owner = segment_owner(seg)
+            if owner == self._spool.owner or owner in self._claimed:
+                try:
+                    total += seg.stat().st_size
+                except FileNotFoundError:
+                    pass
+        return total
+
+    def _report(self, error: str) -> None:
+        now = time.monotonic()
+        if self._logged is None or self._logged[0] != error or now - self._logged[1] >= _LOG_REPEAT_S:
+            self._logged = (error, now)
             log.exception("request log drain failed; records stay in the spool and will be retried")
+        else:
+            log.debug("request log drain failed again: %s", error)
 
     def _claim_orphans(self) -> None:
         for lock in self._spool.directory.glob("*.lock"):
@@ -136,7 +187,7 @@ class SpoolDrainer:
             log.info("claiming spool of dead process %s", owner)
             self._claimed[owner] = fd
 
-    def _drain_segment(self, store: SqliteLogStore, seg: Path, *, is_live: bool) -> int:
+    def _drain_segment(self, store: SqlLogStore, seg: Path, *, is_live: bool) -> int:
         name = seg.name
         offset = store.offset(name)
         size = seg.stat().st_size

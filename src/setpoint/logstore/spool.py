@@ -5,7 +5,10 @@ acknowledged its record survives `kill -9` (it is in the page cache; the drainer
 for power loss). Each process owns its segments through an `flock`ed lock file; when a process dies
 its lock is released and any other process's drainer claims and drains its segments.
 
-Segment name: `<owner>-<seq:08d>.jsonl`, lock: `<owner>.lock`, owner = `<pid>-<random hex>`.
+Segment name: `<owner>-<seq:08d>.jsonl`, lock: `<owner>.lock`, owner = `<pid>-<64 random bits, hex>`.
+The segment name is the key of its progress in the store, which several hosts may share (one
+PostgreSQL for every replica, where pids repeat from container to container): 64 random bits keep
+names apart without coordination.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class Spool:
     def __init__(self, directory: Path, segment_bytes: int) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self.owner = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.owner = f"{os.getpid()}-{secrets.token_hex(8)}"
         self._segment_bytes = segment_bytes
         # Lock first, then publish: a drainer must never see our lock file unlocked.
         tmp = directory / f".{self.owner}.lock.tmp"

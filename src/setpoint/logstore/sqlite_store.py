@@ -1,179 +1,151 @@
-"""The request log in SQLite: batched idempotent inserts, committed together with spool progress."""
+"""The request log in SQLite (the default): one file, WAL, the drainers of every worker writing to it.
+
+Batches are multi-row INSERTs (one C call per chunk instead of one per row, which keeps the drainer
+thread from contending with the event loop). Opening a log written by an older version migrates it
+in place: added columns, the (x, ts, id) indexes, and the rollup tables, which `maintain()` then
+backfills from the existing rows in batches (resumable, by rowid, never counting a row twice).
+"""
 
 from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import orjson
+from setpoint.logstore.dialect import SQLITE
+from setpoint.logstore.rows import to_row
+from setpoint.logstore.sql_schema import (
+    ADDED_COLUMNS, OLD_INDEXES, RECORD_COLUMNS, REQUESTS, SCHEMA_VERSION, Table,
+)
+from setpoint.logstore.sql_store import Clock, SqlLogStore
 
 __all__ = ["RECORD_COLUMNS", "SqliteLogStore"]
 
 log = logging.getLogger("setpoint.logstore")
 
-RECORD_COLUMNS = (
-    "id", "ts", "endpoint", "key_id", "key_name", "team", "user_id", "model", "deployment", "provider",
-    "is_stream", "status", "error_code", "prompt_tokens", "completion_tokens", "cached_tokens",
-    "reasoning_tokens", "cost_micros", "latency_ms", "ttft_ms", "upstream_ms", "finish_reason",
-    "annotations", "content", "cache_status", "saved_micros",
-)
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS requests (
-    id TEXT PRIMARY KEY,
-    ts REAL NOT NULL,
-    endpoint TEXT NOT NULL,
-    key_id TEXT, key_name TEXT, team TEXT, user_id TEXT,
-    model TEXT, deployment TEXT, provider TEXT,
-    is_stream INTEGER NOT NULL DEFAULT 0,
-    status INTEGER NOT NULL,
-    error_code TEXT,
-    prompt_tokens INTEGER NOT NULL DEFAULT 0,
-    completion_tokens INTEGER NOT NULL DEFAULT 0,
-    cached_tokens INTEGER NOT NULL DEFAULT 0,
-    reasoning_tokens INTEGER NOT NULL DEFAULT 0,
-    cost_micros INTEGER,
-    latency_ms REAL, ttft_ms REAL, upstream_ms REAL,
-    finish_reason TEXT,
-    annotations TEXT,
-    content TEXT,
-    cache_status TEXT,
-    saved_micros INTEGER
-);
-CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
-CREATE INDEX IF NOT EXISTS requests_team_ts ON requests (team, ts);
-CREATE INDEX IF NOT EXISTS requests_key_ts ON requests (key_id, ts);
-CREATE INDEX IF NOT EXISTS requests_model_ts ON requests (model, ts);
-CREATE TABLE IF NOT EXISTS rejected_records (
-    segment TEXT NOT NULL,
-    record TEXT NOT NULL,
-    error TEXT NOT NULL,
-    rejected_at REAL NOT NULL DEFAULT (strftime('%s', 'now'))
-);
-CREATE TABLE IF NOT EXISTS spool_progress (
-    segment TEXT PRIMARY KEY,
-    byte_offset INTEGER NOT NULL
-);
-"""
-
-# ON CONFLICT(id) only: a replayed record is skipped, any other constraint failure raises
-# (and the batch stays in the spool) instead of being silently ignored.
-_ROW_SQL = f"({', '.join('?' for _ in RECORD_COLUMNS)})"
-_INSERT_HEAD = f"INSERT INTO requests ({', '.join(RECORD_COLUMNS)}) VALUES "
-_INSERT = _INSERT_HEAD + _ROW_SQL + " ON CONFLICT(id) DO NOTHING"
-# Many rows per statement: one C call (and one GIL release) per chunk instead of per row, which
-# keeps the drainer thread from contending with the event loop (measured: 0.07 ms/request).
-# Chunks are powers of two (256, 128, ..., 1) so that at most nine statement texts are ever
-# compiled and cached by the sqlite3 module.
+# Chunks are powers of two (256, 128, ..., 1) so that few statement texts are ever compiled and
+# cached by the sqlite3 module.
 _ROWS_PER_STATEMENT = 256
-_DEFAULTS = {"is_stream": 0, "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0, "reasoning_tokens": 0}
-
-Record = dict[str, Any] | list[Any]
+_BACKFILL_ROWS = 20_000
 
 
-# Columns added after the first release, with what older spooled records imply for them.
-_ADDED_COLUMNS = (("cache_status", "TEXT"), ("saved_micros", "INTEGER"))
-_FIRST_RELEASE_WIDTH = len(RECORD_COLUMNS) - len(_ADDED_COLUMNS)
+@lru_cache(maxsize=256)
+def _insert_sql(table: Table, n: int, tail: str) -> str:
+    row = f"({', '.join('?' for _ in table.columns)})"
+    return f"INSERT INTO {table.name} ({', '.join(table.column_names)}) VALUES {','.join([row] * n)} {tail}"
 
 
-def _row(r: Record) -> tuple[Any, ...]:
-    """A record as the spool holds it (a list in `RECORD_COLUMNS` order, or a dict) -> a row."""
-    if isinstance(r, list):
-        if not _FIRST_RELEASE_WIDTH <= len(r) <= len(RECORD_COLUMNS):
-            raise ValueError(f"a positional record has {len(r)} fields, expected {len(RECORD_COLUMNS)}")
-        return tuple(r) + (None,) * (len(RECORD_COLUMNS) - len(r))  # spooled by an older version
-    return tuple(r.get(c, _DEFAULTS.get(c)) for c in RECORD_COLUMNS)
-
-
-def _insert_sql(n: int) -> str:
-    return _INSERT_HEAD + ",".join([_ROW_SQL] * n) + " ON CONFLICT(id) DO NOTHING"
-
-
-_INSERT_SQL = {n: _insert_sql(n) for n in (1 << k for k in range(_ROWS_PER_STATEMENT.bit_length()))}
-
-
-def _insert_many(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-    i = 0
-    n = _ROWS_PER_STATEMENT
-    while i < len(rows):
-        while n > len(rows) - i:
-            n >>= 1
-        conn.execute(_INSERT_SQL[n], [v for row in rows[i : i + n] for v in row])
-        i += n
-
-
-class SqliteLogStore:
+class SqliteLogStore(SqlLogStore):
     """Used from the drainer thread only (one connection, not shared across threads)."""
 
-    def __init__(self, path: Path) -> None:
+    dialect = SQLITE
+    _refused = (sqlite3.IntegrityError,)
+    backfill_rows = _BACKFILL_ROWS
+
+    def __init__(self, path: Path, *, retention_days: int = 0, clock: Clock = time.time) -> None:
+        super().__init__(retention_days=retention_days, clock=clock)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA busy_timeout=30000")
-        self._conn.executescript(_SCHEMA)
-        have = {row[1] for row in self._conn.execute("PRAGMA table_info(requests)")}
-        for name, sql_type in _ADDED_COLUMNS:
-            if name not in have:  # a log written by an older version
-                self._conn.execute(f"ALTER TABLE requests ADD COLUMN {name} {sql_type}")
-
-    def offset(self, segment: str) -> int:
-        row = self._conn.execute("SELECT byte_offset FROM spool_progress WHERE segment = ?", (segment,)).fetchone()
-        return int(row[0]) if row else 0
-
-    def commit_batch(
-        self, segment: str, new_offset: int, records: Sequence[Record], *, unreadable: Sequence[bytes] = ()
-    ) -> None:
-        """Insert records and advance the segment's offset in one transaction (exactly-once).
-
-        `unreadable` spool lines (not JSON) are kept verbatim in `rejected_records`."""
-        c = self._conn
-        c.execute("BEGIN IMMEDIATE")
         try:
-            for raw in unreadable:
-                log.error("unreadable line in spool segment %s; kept in rejected_records", segment)
-                c.execute(
-                    "INSERT INTO rejected_records (segment, record, error) VALUES (?, ?, ?)",
-                    (segment, raw.decode("utf-8", "backslashreplace"), "not a JSON record"),
-                )
-            if records:
-                c.execute("SAVEPOINT batch")
-                try:
-                    _insert_many(c, [_row(r) for r in records])
-                    c.execute("RELEASE batch")
-                except (sqlite3.IntegrityError, ValueError):
-                    c.execute("ROLLBACK TO batch")
-                    c.execute("RELEASE batch")
-                    self._insert_one_by_one(segment, records)
-            c.execute(
-                "INSERT INTO spool_progress (segment, byte_offset) VALUES (?, ?) "
-                "ON CONFLICT(segment) DO UPDATE SET byte_offset = excluded.byte_offset",
-                (segment, new_offset),
-            )
-            c.execute("COMMIT")
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("PRAGMA busy_timeout=30000")
+            self._migrate()
         except BaseException:
-            c.execute("ROLLBACK")
+            self._conn.close()
             raise
 
-    def _insert_one_by_one(self, segment: str, records: Sequence[Record]) -> None:
-        """A batch with a record the schema refuses: store the good ones, dead-letter the bad ones
-        (kept whole in `rejected_records`, never dropped), so one bad line cannot block the spool."""
-        for r in records:
-            try:
-                self._conn.execute(_INSERT, _row(r))
-            except (sqlite3.IntegrityError, ValueError) as exc:
-                log.error("request record refused by the log schema (%s); kept in rejected_records", exc)
-                self._conn.execute(
-                    "INSERT INTO rejected_records (segment, record, error) VALUES (?, ?, ?)",
-                    (segment, orjson.dumps(r).decode(), str(exc)),
-                )
+    def _migrate(self) -> None:
+        """Idempotent; BEGIN IMMEDIATE so that one process migrates and the others then see it done."""
+        with self._transaction():
+            self._execute(self.dialect.create_table(REQUESTS))
+            have = {row[1] for row in self._execute("PRAGMA table_info(requests)")}
+            for name in ADDED_COLUMNS:
+                if name not in have:  # a log written by an older version
+                    col = next(c for c in REQUESTS.columns if c.name == name)
+                    self._execute(f"ALTER TABLE requests ADD COLUMN {name} {self.dialect.types[col.kind]}")
+            had_rollups = self._execute(self.dialect.table_exists, ("rollup",)).fetchone() is not None
+            self._create_schema()
+            for name in OLD_INDEXES:
+                self._execute(f"DROP INDEX IF EXISTS {name}")
+            if not had_rollups:
+                # Rows stored so far get their rollups from the backfill; rows inserted from now on
+                # (rowid above this mark) get them in their own transaction.
+                end = self._execute("SELECT COALESCE(MAX(rowid), 0) FROM requests").fetchone()[0]
+                self._set_meta("backfill_next_rowid", 0)
+                self._set_meta("backfill_end_rowid", int(end))
+                if end:
+                    log.info("request log %s: adding rollups for %d existing rows in the background", self.path, end)
+            self._set_meta("schema_version", SCHEMA_VERSION)
 
-    def forget_segment(self, segment: str) -> None:
-        self._conn.execute("DELETE FROM spool_progress WHERE segment = ?", (segment,))
+    # -- hooks ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    @contextmanager
+    def _savepoint(self) -> Iterator[None]:
+        self._conn.execute("SAVEPOINT batch")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK TO batch")
+            self._conn.execute("RELEASE batch")
+            raise
+        self._conn.execute("RELEASE batch")
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return self._conn.execute(sql, params)
+
+    def _load(self, table: Table, rows: Sequence[tuple[Any, ...]], tail: str) -> list[tuple[Any, ...]]:
+        out: list[tuple[Any, ...]] = []
+        i, n = 0, _ROWS_PER_STATEMENT
+        while i < len(rows):
+            while n > len(rows) - i:
+                n >>= 1
+            cur = self._conn.execute(_insert_sql(table, n, tail), [v for row in rows[i : i + n] for v in row])
+            out += cur.fetchall()
+            i += n
+        return out
 
     def close(self) -> None:
         self._conn.close()
+
+    # -- backfill ------------------------------------------------------------------------------
+
+    def _backfill(self, deadline: float) -> bool:
+        while True:
+            with self._transaction():
+                nxt, end = self._meta("backfill_next_rowid"), self._meta("backfill_end_rowid")
+                if nxt is None or end is None or nxt >= end:
+                    return False
+                hi = min(nxt + self.backfill_rows, end)
+                cols = ", ".join(RECORD_COLUMNS)
+                rows = []
+                for raw in self._execute(f"SELECT {cols} FROM requests WHERE rowid > ? AND rowid <= ?", (nxt, hi)):
+                    try:
+                        rows.append(to_row(list(raw)))
+                    except ValueError as exc:  # a row an older version let in: keep it, leave it out of rollups
+                        log.warning("request %s left out of the rollups: %s", raw[0], exc)
+                if rows:
+                    self._add_to_rollups(rows)
+                self._set_meta("backfill_next_rowid", hi)
+            if hi >= end:
+                log.info("request log %s: rollups added for all %d existing rows", self.path, end)
+                return False
+            if time.monotonic() >= deadline:
+                return True

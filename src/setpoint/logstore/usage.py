@@ -1,24 +1,19 @@
-"""Spend and tokens from the request log, grouped by key, team, user, model or day (UTC)."""
+"""Spend and tokens from the request log, grouped by key, team, user, model or day (UTC): the rows of
+`setpoint usage` and `GET /admin/usage`, read from the rollups through a `LogReader`."""
 
 from __future__ import annotations
 
 import calendar
-import sqlite3
 import time
-from pathlib import Path
 from typing import Any
 
 from setpoint.errors import InvalidRequestError
+from setpoint.logstore.reader import LogReader
 
 __all__ = ["GROUPS", "parse_day", "usage_report"]
 
-GROUPS = {
-    "key": "COALESCE(key_name, key_id, '-')",
-    "team": "COALESCE(team, '-')",
-    "user": "COALESCE(user_id, '-')",
-    "model": "COALESCE(model, '-')",
-    "day": "date(ts, 'unixepoch')",
-}
+GROUPS = ("key", "team", "user", "model", "day")
+_FAR_S = 366 * 86_400
 
 
 def parse_day(value: str | None, name: str) -> float | None:
@@ -31,33 +26,21 @@ def parse_day(value: str | None, name: str) -> float | None:
         raise InvalidRequestError(f"'{name}' must be a date like 2026-11-01", param=name) from None
 
 
-def usage_report(db: Path, by: str, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
-    """One row per group: requests, errors, tokens by kind, cost in micro-dollars (unpriced as 0)."""
+def usage_report(reader: LogReader, by: str, since: float | None = None, until: float | None = None,
+                 *, now: float | None = None) -> list[dict[str, Any]]:
+    """One row per group: requests, errors, tokens by kind, cost in micro-dollars (unpriced as 0);
+    by cost, biggest first (by day: oldest first)."""
     if by not in GROUPS:
         raise InvalidRequestError(f"'by' must be one of {', '.join(GROUPS)}", param="by")
-    if not db.exists():
-        return []
-    where, params = [], []
-    if since is not None:
-        where.append("ts >= ?")
-        params.append(since)
-    if until is not None:
-        where.append("ts < ?")
-        params.append(until)
-    sql = (
-        f"SELECT {GROUPS[by]} AS grp, COUNT(*), SUM(status >= 400), SUM(prompt_tokens), SUM(completion_tokens), "
-        "SUM(cached_tokens), SUM(reasoning_tokens), COALESCE(SUM(cost_micros), 0), SUM(cost_micros IS NULL AND status < 400), "
-        "COALESCE(SUM(cache_status = 'hit'), 0), COALESCE(SUM(saved_micros), 0) "
-        f"FROM requests {'WHERE ' + ' AND '.join(where) if where else ''} GROUP BY grp ORDER BY grp"
-    )
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        rows = conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
+    now = time.time() if now is None else now
+    rows = reader.breakdown(0.0 if since is None else since, now + _FAR_S if until is None else until, by)  # type: ignore[arg-type]
+    if by == "day":
+        rows = sorted(rows, key=lambda b: b.group)
     return [
-        {"group": r[0], "requests": r[1], "errors": r[2], "prompt_tokens": r[3], "completion_tokens": r[4],
-         "cached_tokens": r[5], "reasoning_tokens": r[6], "cost_micros": r[7], "unpriced_requests": r[8],
-         "cache_hits": r[9], "saved_micros": r[10]}
-        for r in rows
+        {"group": b.group, "requests": b.totals.requests, "errors": b.totals.errors,
+         "prompt_tokens": b.totals.prompt_tokens, "completion_tokens": b.totals.completion_tokens,
+         "cached_tokens": b.totals.cached_tokens, "reasoning_tokens": b.totals.reasoning_tokens,
+         "cost_micros": b.totals.cost_micros, "unpriced_requests": int(b.extra.get("unpriced_requests", 0)),
+         "cache_hits": b.totals.cache_hits, "saved_micros": b.totals.saved_micros}
+        for b in rows
     ]

@@ -88,8 +88,13 @@ class AdminHandlers:
             q = request.query
             by = q.get("by", "team")
             since, until = parse_day(q.get("since"), "since"), parse_day(q.get("until"), "until")
-            self._gw.request_log.flush(5.0)
-            rows = await asyncio.to_thread(usage_report, self._gw.request_log.db_path, by, since, until)
+            request_log = self._gw.request_log
+
+            def report() -> list[dict[str, Any]]:
+                request_log.flush(5.0)  # this process's latest requests too
+                return usage_report(request_log.reader, by, since, until)
+
+            rows = await asyncio.to_thread(report)
         except SetpointError as err:
             return error_response(err)
         return _json({"object": "list", "by": by, "data": rows})

@@ -17,6 +17,7 @@ from setpoint.observability.service import MetricsService
 from setpoint.observability.tracing import Tracer
 from setpoint.policy.caller import Resilience
 from setpoint.policy.pipeline import build_pipelines
+from setpoint.policy.stages.cache import CacheStage
 from setpoint.policy.stages.auth import AuthStage
 from setpoint.proxy.admin import AdminHandlers
 from setpoint.proxy.routes import ApiHandlers, error_response
@@ -35,10 +36,7 @@ class Gateway:
             runtime.static_keys, self.key_store, runtime.clock, cfg.server.auth_cache_ttl_s
         )
         self.auth_stage = AuthStage(self.authenticator)
-        self.request_log = RequestLog(
-            runtime.data_dir, store_content=cfg.logging.store_content, batch_size=cfg.logging.batch_size,
-            interval_s=cfg.logging.flush_interval_ms / 1000, segment_bytes=cfg.logging.spool_segment_bytes,
-        )
+        self.request_log = RequestLog(runtime.data_dir, cfg.logging, clock=runtime.clock.now)
         self.resilience = Resilience(runtime.config.resilience, runtime.clock)
         obs = cfg.observability
         self.metrics = MetricsService(self) if obs.metrics else None
@@ -61,6 +59,9 @@ class Gateway:
     async def stop(self) -> None:
         for p in self.runtime.providers.values():
             await p.aclose()
+        cache = self.stages.get("cache")
+        if isinstance(cache, CacheStage):
+            await cache.aclose()  # pending writes, before the store under them closes
         await self.runtime.state.aclose()
         if self.metrics is not None:
             await self.metrics.stop()
