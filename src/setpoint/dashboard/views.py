@@ -84,6 +84,7 @@ class Dashboard:
         master = gw.runtime.master_key
         self._signer = SessionSigner(master) if master else None
         self._static = _Static(_HERE / "static")
+        self._now = gw.runtime.clock.now  # the clock the log's timestamps come from (virtual in tests)
         self._env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(_HERE / "templates"),
             autoescape=True, trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined,
@@ -225,13 +226,13 @@ class Dashboard:
         ctx.setdefault("title", "")
         ctx.setdefault("page", template.removesuffix(".html"))
         ctx.setdefault("authed", template not in ("login.html", "disabled.html"))
-        ctx["now"] = time.time()
+        ctx["now"] = self._now()
         body = self._env.get_template(template).render(ctx)
         return web.Response(body=body.encode(), status=status, content_type="text/html", charset="utf-8",
                             headers=_NO_STORE)
 
     async def overview(self, request: web.Request) -> web.StreamResponse:
-        now = time.time()
+        now = self._now()
         tr = data.time_range(request.query.get("range"), now)
         by = _by(request.query.get("by"))
         # Tiles and charts in one response (one round trip): all the reader calls at once.
@@ -246,16 +247,16 @@ class Dashboard:
         })
 
     async def api_summary(self, request: web.Request) -> web.StreamResponse:
-        tr = data.time_range(request.query.get("range"), time.time())
+        tr = data.time_range(request.query.get("range"), self._now())
         return _json(data.summary_data(tr, *await self._read_all(data.summary_calls(tr))))
 
     async def api_series(self, request: web.Request) -> web.StreamResponse:
-        tr = data.time_range(request.query.get("range"), time.time())
+        tr = data.time_range(request.query.get("range"), self._now())
         by = _by(request.query.get("by"))
         return _json(data.series_data(tr, by, *await self._read_all(data.series_calls(tr, by))))
 
     async def _budgets(self) -> dict[str, Any]:
-        now = time.time()
+        now = self._now()
         rules = list(self._gw.runtime.config.budgets)
         if not rules:
             return data.budgets_data([], [], True, now)
@@ -271,7 +272,7 @@ class Dashboard:
 
     async def _deployments(self) -> dict[str, Any]:
         try:
-            traffic = await self._read(data.deployment_traffic, time.time())
+            traffic = await self._read(data.deployment_traffic, self._now())
         except _Unavailable:
             traffic = {}  # live state needs no log
         return data.deployments_data(self._gw, traffic)
@@ -284,7 +285,7 @@ class Dashboard:
         return _json(await self._deployments())
 
     async def _search(self, request: web.Request) -> tuple[dict[str, Any], dict[str, str], list[str]]:
-        flt, form, problems = data.parse_filter(request.query, time.time())
+        flt, form, problems = data.parse_filter(request.query, self._now())
         cursor = request.query.get("cursor") or None
         try:
             page = await self._read(lambda r: r.search(flt, limit=_PAGE_SIZE, cursor=cursor))
