@@ -78,6 +78,7 @@ def test_request_counters_tokens_cost_and_histograms(gateway, client, http, gate
     assert value(fams, "setpoint_concurrency_limit", deployment="sim/sim-small") >= 1
     assert value(fams, "setpoint_inflight", deployment="sim/sim-small") == 0
     assert "setpoint_spool_pending_bytes" in fams
+    assert 0 <= value(fams, "setpoint_spool_lag_seconds") < 60
     assert value(fams, "setpoint_retry_budget_available") > 0
 
 
@@ -195,14 +196,17 @@ def test_two_workers_one_scrape_counts_every_request(serve_gateway, default_conf
         fams = {f.name: f.samples for f in text_string_to_metric_families(text)}
         return sum(s.value for s in fams["setpoint_requests"] if s.name == "setpoint_requests_total")
 
-    # Snapshots are published every 2 s; every scrape, from either worker, converges on n.
-    wait_until(lambda: total() == n, 15, f"a scrape to report all {n} requests")
+    def workers() -> set[str]:
+        text = http.get(srv.root_url + "/metrics").text
+        return {s.labels.get("worker", "") for f in text_string_to_metric_families(text)
+                if f.name == "setpoint_retry_budget_available" for s in f.samples}
+
+    # Snapshots are published every 2 s; every scrape, from either worker, converges on n and on
+    # gauges labelled by both workers.
+    wait_until(lambda: total() == n and len(workers()) == 2, 15, f"a scrape to report all {n} requests")
     for _ in range(6):
         assert total() == n
-    text = http.get(srv.root_url + "/metrics").text
-    workers = {s.labels["worker"] for f in text_string_to_metric_families(text) if f.name == "setpoint_retry_budget_available"
-               for s in f.samples}
-    assert len(workers) == 2
+        assert len(workers()) == 2
 
 
 def test_budget_gauges_show_limit_and_remaining(make_gateway, default_config, make_client, http, gateway_rows,

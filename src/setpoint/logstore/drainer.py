@@ -63,6 +63,7 @@ class SpoolDrainer:
         self._logged: tuple[str, float] | None = None  # last error logged, when
         self.pending_bytes = 0
         self.last_error: str | None = None
+        self.last_drained_mono = time.monotonic()  # when a tick last left the store up to date
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="setpoint-spool-drainer", daemon=True)
@@ -138,6 +139,7 @@ class SpoolDrainer:
                 more = store.maintain()
                 self._next_maintain = time.monotonic() + (0.0 if more else self.maintain_interval_s)
             self.last_error = None
+            self.last_drained_mono = time.monotonic()
             self._logged = None
         except Exception as exc:  # the background-task boundary: keep the spool, retry next tick
             self.last_error = f"{type(exc).__name__}: {exc}"

@@ -50,6 +50,13 @@ class RequestLog:
         return self._drainer.pending_bytes
 
     @property
+    def lag_s(self) -> float:
+        """Seconds since the drainer last left the store up to date (grows while the store is down)."""
+        import time
+
+        return max(0.0, time.monotonic() - self._drainer.last_drained_mono)
+
+    @property
     def last_error(self) -> str | None:
         return self._drainer.last_error
 

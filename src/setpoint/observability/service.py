@@ -62,6 +62,7 @@ class MetricsService:
             "setpoint_shed": shed,
             "setpoint_retry_budget_available": {"": res.budget.available()},
             "setpoint_spool_pending_bytes": {"": float(self._gw.request_log.pending_bytes)},
+            "setpoint_spool_lag_seconds": {"": round(self._gw.request_log.lag_s, 3)},
         }
 
     async def start(self) -> None:
