@@ -4,6 +4,7 @@ writer (`commit_batch`, rollups included), then time every reader method the das
     python bench/logstore_bench.py                       # 1,000,000 rows, SQLite + PostgreSQL
     python bench/logstore_bench.py --rows 200000 --backend sqlite
     python bench/logstore_bench.py --pg-url postgresql://user@host/db   # an existing (empty) database
+    python bench/logstore_bench.py --compare-pg-inserts   # COPY vs multi-row VALUES vs unnest
 
 Without --pg-url (or SETPOINT_BENCH_PG_URL) a throwaway PostgreSQL is started from the installed
 server binaries (pg_ctl on PATH or /usr/lib/postgresql/*/bin), as the `postgres` user when run as
@@ -292,19 +293,78 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# -- PostgreSQL: which bulk insert -------------------------------------------------------------------
+
+
+def compare_pg_inserts(url: str, n: int = 100_000, batch: int = 1000) -> None:
+    """Rows into `requests` (all its indexes) three ways, 1,000 per transaction: the COPY path the
+    writer uses, a multi-row INSERT ... VALUES, and INSERT ... SELECT FROM unnest(arrays)."""
+    import psycopg
+
+    from setpoint.logstore.postgres_store import PostgresLogStore
+    from setpoint.logstore.rows import to_row
+    from setpoint.logstore.sql_schema import RECORD_COLUMNS, REQUESTS
+
+    store = PostgresLogStore(url)
+    conn = store._conn  # noqa: SLF001
+    cols = ", ".join(RECORD_COLUMNS)
+    tail = " ON CONFLICT (id) DO NOTHING RETURNING id"
+    pg_types = {"text": "text", "real": "float8", "int": "int8"}
+
+    def values(rows: list[tuple[Any, ...]]) -> Any:
+        row = "(" + ", ".join(["%s"] * len(RECORD_COLUMNS)) + ")"
+        return conn.execute(f"INSERT INTO requests ({cols}) VALUES {', '.join([row] * len(rows))}{tail}",
+                            [v for r in rows for v in r]).fetchall()
+
+    def unnest(rows: list[tuple[Any, ...]]) -> Any:
+        arrays = ", ".join(f"%s::{pg_types[c.kind]}[]" for c in REQUESTS.columns)
+        return conn.execute(f"INSERT INTO requests ({cols}) SELECT * FROM unnest({arrays}){tail}",
+                            [list(c) for c in zip(*rows, strict=True)]).fetchall()
+
+    def copy(rows: list[tuple[Any, ...]]) -> Any:
+        return store._load(REQUESTS, rows, tail)  # noqa: SLF001
+
+    rows = [to_row(r) for r in records(n, time.time())]
+    print(f"PostgreSQL bulk insert into requests, {n:,} rows, {batch:,} per transaction:")
+    for name, fn in (("COPY + INSERT ... SELECT", copy), ("multi-row INSERT ... VALUES", values),
+                     ("INSERT ... SELECT FROM unnest", unnest)):
+        conn.execute("TRUNCATE requests")
+        t0, c0 = time.perf_counter(), time.process_time()
+        for i in range(0, n, batch):
+            with conn.transaction():
+                fn(rows[i : i + batch])
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        print(f"  {name:<30} {n / wall:>9,.0f} rows/s   client CPU {cpu / n * 1e6:5.1f} us/row")
+    store.close()
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("TRUNCATE requests")
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 
 Result = tuple[dict[str, str], dict[str, tuple[float, float]]]  # (insert figures, reader timings)
 
 
+def _sizes(store: SqlLogStore, size_sql: str | None, path: Path | None) -> dict[str, str]:
+    count = lambda t: store._execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]  # noqa: E731, SLF001
+    if path is not None:  # the file and its write-ahead log
+        size = sum(p.stat().st_size for p in (path, path.with_name(path.name + "-wal")) if p.exists())
+    else:
+        size = store._execute(size_sql).fetchone()[0]  # noqa: SLF001
+    return {"rows in rollup / rollup_latency": f"{count('rollup'):,} / {count('rollup_latency'):,}",
+            "database size, MB": f"{size / 1e6:,.0f}"}
+
+
 def run_backend(name: str, open_store: Callable[[], SqlLogStore], open_reader: Callable[[], LogReader],
-                open_burst_store: Callable[[], SqlLogStore], args: argparse.Namespace, now: float) -> Result:
+                open_burst_store: Callable[[], SqlLogStore], args: argparse.Namespace, now: float,
+                size_sql: str | None = None, path: Path | None = None) -> Result:
     n = args.rows
     print(f"{name}: seeding {n:,} records through commit_batch ...", flush=True)
     store = open_store()
     try:
         wall, cpu = seed(store, n, now)
+        sizes = _sizes(store, size_sql, path)
     finally:
         store.close()
     print(f"{name}: {n / wall:,.0f} rows/s ({wall:.1f} s, writer CPU {cpu / n * 1e6:.0f} us/row); timing readers ...", flush=True)
@@ -314,7 +374,7 @@ def run_backend(name: str, open_store: Callable[[], SqlLogStore], open_reader: C
     finally:
         reader.close()
     inserts = {"insert, 30 days of traffic: rows/s": f"{n / wall:,.0f}",
-               "insert, 30 days of traffic: writer CPU us/row": f"{cpu / n * 1e6:.0f}"}
+               "insert, 30 days of traffic: writer CPU us/row": f"{cpu / n * 1e6:.0f}", **sizes}
     if args.burst_rows:
         b = args.burst_rows
         span = b / args.burst_rate
@@ -338,7 +398,12 @@ def main() -> None:
     ap.add_argument("--burst-rows", type=int, default=200_000, help="also insert this many records at --burst-rate")
     ap.add_argument("--burst-rate", type=int, default=2000, help="requests per second of the burst")
     ap.add_argument("--keep", metavar="DIR", help="keep the SQLite file in DIR")
+    ap.add_argument("--compare-pg-inserts", action="store_true",
+                    help="only compare COPY, multi-row VALUES and unnest inserts on PostgreSQL")
     args = ap.parse_args()
+    if args.compare_pg_inserts:
+        _compare_only(args)
+        return
     now = time.time()
     results: dict[str, Result] = {}
     workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="setpoint-bench-"))
@@ -352,13 +417,28 @@ def main() -> None:
             db.unlink(missing_ok=True)
             burst.unlink(missing_ok=True)
             results["SQLite"] = run_backend("SQLite", lambda: SqliteLogStore(db), lambda: SqliteLogReader(db),
-                                            lambda: SqliteLogStore(burst), args, now)
+                                            lambda: SqliteLogStore(burst), args, now, path=db)
         if args.backend in ("postgres", "both"):
             results["PostgreSQL"] = _run_postgres(args, now)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     _print_table(results, args.rows)
+
+
+def _compare_only(args: argparse.Namespace) -> None:
+    import psycopg
+
+    server = None if args.pg_url else TempPostgres()
+    base = args.pg_url or server.url  # type: ignore[union-attr]
+    try:
+        with psycopg.connect(base, autocommit=True) as c:
+            c.execute("DROP DATABASE IF EXISTS setpoint_bench_inserts")
+            c.execute("CREATE DATABASE setpoint_bench_inserts")
+        compare_pg_inserts(base.rsplit("/", 1)[0] + "/setpoint_bench_inserts")
+    finally:
+        if server is not None:
+            server.stop()
 
 
 def _run_postgres(args: argparse.Namespace, now: float) -> Result:
@@ -379,7 +459,7 @@ def _run_postgres(args: argparse.Namespace, now: float) -> Result:
         url = base if server is None else root + "/bench"
         burst = root + "/setpoint_bench_burst"
         return run_backend("PostgreSQL", lambda: PostgresLogStore(url), lambda: PostgresLogReader(url),
-                           lambda: PostgresLogStore(burst), args, now)
+                           lambda: PostgresLogStore(burst), args, now, size_sql="SELECT pg_database_size(current_database())")
     finally:
         if server is not None:
             server.stop()

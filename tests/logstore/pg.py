@@ -49,40 +49,34 @@ def find_pg_ctl() -> str | None:
 
 _WRAPPER = '''\
 #!{python}
-"""pg_ctl for the tests (written by tests/logstore/pg.py): as an unprivileged user when run as root
-(PostgreSQL refuses root), and without mirakuru's marker in the server's environment."""
-import os, pwd, stat, sys
+"""pg_ctl for the tests (written by tests/logstore/pg.py): without mirakuru's marker in the server's
+environment, and as an unprivileged user when run as root (PostgreSQL refuses root)."""
+import hashlib, os, pwd, sys
 from pathlib import Path
 
-REAL, USER = {real!r}, {user!r}
+REAL, USER, HOME = {real!r}, {user!r}, {home!r}
 args = sys.argv[1:]
 # At exit, every process that imported mirakuru (any pytest session on this machine with the
 # pytest-postgresql plugin) SIGKILLs the processes whose `mirakuru_uuid` *contains* its pid as a
 # substring: the server must not carry it. (It is stopped with `pg_ctl stop` anyway.)
 os.environ.pop("mirakuru_uuid", None)
 
-
-def hand_over(path, is_dir, pw):
-    p = Path(path).resolve()
-    if is_dir:
-        p.mkdir(parents=True, exist_ok=True)
-    else:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.touch(exist_ok=True)
-    os.chown(p, pw.pw_uid, pw.pw_gid)
-    for parent in p.parents:  # pytest's temporary directories are 0700: let the user through
-        mode = os.stat(parent).st_mode
-        if not mode & stat.S_IXOTH:
-            os.chmod(parent, stat.S_IMODE(mode) | stat.S_IXOTH)
-
-
 if USER is not None:
+    # The unprivileged user cannot reach pytest's temporary directory (pytest resets it to 0700
+    # whenever a session starts): its data directory and log file live under HOME instead, at a
+    # place derived from the path pytest-postgresql asked for (which is kept, empty, for its checks).
     pw = pwd.getpwnam(USER)
-    for flag, value in zip(args, args[1:]):
-        if flag in ("-D", "--pgdata"):
-            hand_over(value, True, pw)
-        elif flag in ("-l", "--log"):
-            hand_over(value, False, pw)
+
+    def moved(path, is_dir):
+        p = Path(path).resolve()
+        (p if is_dir else p.parent).mkdir(parents=True, exist_ok=True)
+        real = Path(HOME) / hashlib.sha1(str(p).encode()).hexdigest()[:16] / ("data" if is_dir else "log")
+        real.parent.mkdir(exist_ok=True)
+        os.chown(real.parent, pw.pw_uid, pw.pw_gid)
+        return str(real)
+
+    args = [moved(v, is_dir=True) if f in ("-D", "--pgdata") else moved(v, is_dir=False) if f in ("-l", "--log")
+            else v for f, v in zip([None, *args], args)]
     os.chdir("/")
     os.setgroups([])
     os.setgid(pw.pw_gid)
@@ -109,11 +103,11 @@ def pg_ctl_for_tests() -> str | None:
             break
         else:
             return None
-    wrapper_dir = Path(tempfile.mkdtemp(prefix="setpoint-pg-ctl-"))
+    wrapper_dir = Path(tempfile.mkdtemp(prefix="setpoint-pg-ctl-"))  # data directories too, as root
     atexit.register(shutil.rmtree, wrapper_dir, True)
     os.chmod(wrapper_dir, 0o755)
     wrapper = wrapper_dir / "pg_ctl"
-    wrapper.write_text(_WRAPPER.format(python=sys.executable, real=real, user=user))
+    wrapper.write_text(_WRAPPER.format(python=sys.executable, real=real, user=user, home=str(wrapper_dir)))
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return str(wrapper)
 
@@ -206,7 +200,6 @@ def pg_server_fixture(request: pytest.FixtureRequest) -> Iterator[PgServer]:
     proc = request.getfixturevalue("postgresql_proc")
     server = PgServer(proc.host, proc.port, proc.user, proc.password, executor=proc)
     yield server
-    import shutil as _sh; _sh.copy(proc.logfile, f"/tmp/pglog-{os.getpid()}-{proc.port}.log")  # DEBUG
     server.ensure_running()  # pytest-postgresql's teardown connects to it to drop its template database
 
 

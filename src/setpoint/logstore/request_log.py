@@ -52,8 +52,6 @@ class RequestLog:
     @property
     def lag_s(self) -> float:
         """Seconds since the drainer last left the store up to date (grows while the store is down)."""
-        import time
-
         return max(0.0, time.monotonic() - self._drainer.last_drained_mono)
 
     @property

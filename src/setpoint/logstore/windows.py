@@ -16,7 +16,7 @@ from typing import Any
 
 from setpoint.logstore.rollups import GRAINS, LEVELS
 
-__all__ = ["Plan", "Segment", "align_step", "plan"]
+__all__ = ["Plan", "Segment", "align_step", "finest_grain_at", "plan"]
 
 _MARGIN_S = 3600  # clock skew between the writer that pruned a level and this reader
 
@@ -35,8 +35,8 @@ class Plan:
     end: float
 
     def where(self, dim: str | None = None, value: str | None = None) -> tuple[str, list[Any]]:
-        """SQL condition on (grain, [dim, [value,]] bucket) and its parameters, each term one range of
-        the primary key; matches nothing for an empty plan."""
+        """SQL condition on (grain, [dim,] bucket) ranges of the rollup tables' primary keys (and
+        `value`, checked within each range) and its parameters; matches nothing for an empty plan."""
         if not self.segments:
             return "1 = 0", []
         head, head_params = "grain = ?", []
