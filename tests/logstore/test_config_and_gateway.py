@@ -40,7 +40,7 @@ def test_bad_logging_config_names_the_path(logging: dict[str, Any], problem: str
 
 def test_logging_config_defaults_and_env() -> None:
     cfg = parse_config({}, env={}).logging
-    assert (cfg.store, cfg.postgres_url, cfg.retention_days) == ("sqlite", None, 30)
+    assert (cfg.store, cfg.postgres_url, cfg.retention_days) == ("sqlite", None, 0)
     cfg = parse_config({"logging": {"store": "postgres", "postgres_url": "${SETPOINT_PG_URL}", "retention_days": 0}},
                        env={"SETPOINT_PG_URL": "postgresql://u:pw@db:5432/log"}).logging
     assert cfg.store == "postgres" and cfg.postgres_url == "postgresql://u:pw@db:5432/log" and cfg.retention_days == 0

@@ -349,7 +349,7 @@ class LoggingConfig(_Strict):
     batch_size: int = Field(1000, ge=1)
     flush_interval_ms: int = Field(200, ge=1)
     spool_segment_bytes: int = Field(64 * 1024 * 1024, ge=4096)
-    retention_days: int = Field(30, ge=0, description="delete request rows and rollups older than this; 0 keeps them")
+    retention_days: int = Field(0, ge=0, description="delete request rows and rollups older than this many days; 0 (default) keeps everything")
 
     @field_validator("postgres_url")
     @classmethod
