@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from typing import ClassVar
 
 import aiohttp
 import orjson
@@ -57,8 +56,8 @@ class _ResponseStream:
 
 
 class OpenAICompatibleProvider:
-
     system: ClassVar[str] = "openai"  # gen_ai.system in traces
+
     def __init__(self, name: str, cfg: OpenAICompatibleProviderConfig) -> None:
         self.name = name
         self._cfg = cfg

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from collections.abc import AsyncIterator
+from typing import ClassVar
 
 from setpoint.clock import Clock
 from setpoint.config.schema import SimulatedProviderConfig
@@ -40,8 +39,8 @@ class _PlanStream:
 
 
 class SimulatedProvider:
-
     system: ClassVar[str] = "setpoint.simulated"  # gen_ai.system in traces
+
     def __init__(self, name: str, cfg: SimulatedProviderConfig, clock: Clock) -> None:
         self.name = name
         self._engine = SimulatedEngine(cfg, name)
