@@ -86,7 +86,7 @@ def _report(db: Path) -> None:
         click.echo(
             f"{model:<11} {len(g):>5} {sum(r[2] for r in g):>6} {sum(1 for r in g if r[3] >= 400):>6} "
             f"{sum(r[4] for r in g):>10} {sum(r[5] for r in g):>10} {cost:>10.6f} {_pct(lat, 50):>7.1f} {_pct(lat, 95):>7.1f} "
-            f"{(_pct(ttft, 50) if ttft else float('nan')):>8.1f}"
+            f"{(f'{_pct(ttft, 50):.1f}' if ttft else '-'):>8}"
         )
     total = sum(r[6] or 0 for r in rows)
     click.echo(f"\n{len(rows)} requests logged, total cost {total} micro-dollars (${total / 1e6:.6f}); log: {db}")
