@@ -202,8 +202,17 @@ def test_two_workers_one_scrape_counts_every_request(serve_gateway, default_conf
                 if f.name == "setpoint_retry_budget_available" for s in f.samples}
 
     # Snapshots are published every 2 s; every scrape, from either worker, converges on n and on
-    # gauges labelled by both workers.
-    wait_until(lambda: total() == n and len(workers()) == 2, 15, f"a scrape to report all {n} requests")
+    # gauges labelled by both workers (a worker may still be starting when the load begins).
+    seen: list[tuple[float, int]] = []
+
+    def converged() -> bool:
+        seen.append((total(), len(workers())))
+        return seen[-1] == (n, 2)
+
+    try:
+        wait_until(converged, 45, f"a scrape to report all {n} requests from 2 workers")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; (total, workers) seen: {seen[-10:]}; log: {srv.proc.output()[-2000:]}") from None
     for _ in range(6):
         assert total() == n
         assert len(workers()) == 2
