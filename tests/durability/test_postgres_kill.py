@@ -4,7 +4,6 @@ whose response completed is in PostgreSQL exactly once (the spool carried it acr
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +14,7 @@ import psycopg
 import pytest
 
 from .conftest import ServeProc, segments, serve_config, wait_for
-from .test_spool import _http_client, _one_request, _restart_and_wait_for_orphans
+from .test_spool import _http_client, _kill9_under_load, _one_request, _restart_and_wait_for_orphans
 
 
 def _pg_id_counts(url: str) -> dict[str, int]:
@@ -56,49 +55,7 @@ def test_kill9_with_load_in_flight_postgres(tmp_path: Path, pg_url: str, serve: 
     first = serve(cfg)
     _wait_schema(pg_url)
     assert not (data_dir / "requests.db").exists()  # the log is in PostgreSQL, not SQLite
-    acked: list[str] = []
-    unexpected: list[BaseException] = []
-    failed = 0
-    lock = threading.Lock()
-    stop = threading.Event()
-    counter = iter(range(10**6))
-
-    def worker() -> None:
-        nonlocal failed
-        with _http_client() as client:
-            while not stop.is_set():
-                with lock:
-                    i = next(counter)
-                try:
-                    rid = _one_request(client, first.base_url, i, slow=True)
-                except Exception as exc:  # a complete but wrong answer: report it from the main thread
-                    with lock:
-                        unexpected.append(exc)
-                    return
-                with lock:
-                    if rid is None:
-                        failed += 1
-                    else:
-                        acked.append(rid)
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(12)]
-    for t in threads:
-        t.start()
-    try:
-        wait_for(lambda: len(acked) >= 150 or bool(unexpected), 30, "150 completed requests")
-        assert unexpected == []
-        owners = [p.stem for p in spool_dir.glob("*.lock")]
-        first.kill9()  # while the workers are still sending and streaming
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(20)
-    assert not any(t.is_alive() for t in threads)
-    assert unexpected == []
-    with lock:
-        acked_at_end = list(acked)
-    assert failed >= 1, "the kill should have broken at least one request in flight"
-    assert len(set(acked_at_end)) == len(acked_at_end)
+    acked_at_end, owners = _kill9_under_load(first, spool_dir)
     # flush interval 60 s: practically nothing had reached PostgreSQL; the spool holds the rest
     assert len(set(acked_at_end) & set(_pg_id_counts(pg_url))) <= 10
     assert segments(spool_dir, owners[0])

@@ -693,14 +693,10 @@ def test_kill9_after_acknowledged_responses(tmp_path: Path, serve: Callable[[dic
     assert second.terminate() == 0
 
 
-@pytest.mark.slow
-def test_kill9_with_load_in_flight(tmp_path: Path, serve: Callable[[dict[str, Any]], ServeProc]) -> None:
-    data_dir = tmp_path / "data"
-    spool_dir, db = data_dir / "spool", data_dir / "requests.db"
-    cfg = serve_config(data_dir)
-    cfg["providers"]["sim"]["latency"] = {"ttft_ms": 2, "per_token_ms": 1.5, "jitter": 0}
-    first = serve(cfg)
-    _wait_store_initialised(db)
+def _kill9_under_load(proc: ServeProc, spool_dir: Path) -> tuple[list[str], list[str]]:
+    """Drive `proc` with 12 clients until 150 requests completed, kill -9 it mid-flight, and return
+    (acknowledged request ids, spool owners at the kill). Asserts that the kill broke at least one
+    request, that no completed answer was wrong and that no id was acknowledged twice."""
     acked: list[str] = []
     unexpected: list[BaseException] = []
     failed = 0
@@ -715,7 +711,7 @@ def test_kill9_with_load_in_flight(tmp_path: Path, serve: Callable[[dict[str, An
                 with lock:
                     i = next(counter)
                 try:
-                    rid = _one_request(client, first.base_url, i, slow=True)
+                    rid = _one_request(client, proc.base_url, i, slow=True)
                 except Exception as exc:  # a complete but wrong answer: report it from the main thread
                     with lock:
                         unexpected.append(exc)
@@ -733,7 +729,7 @@ def test_kill9_with_load_in_flight(tmp_path: Path, serve: Callable[[dict[str, An
         wait_for(lambda: len(acked) >= 150 or bool(unexpected), 30, "150 completed requests")
         assert unexpected == []
         owners = [p.stem for p in spool_dir.glob("*.lock")]
-        first.kill9()  # while the workers are still sending and streaming
+        proc.kill9()  # while the workers are still sending and streaming
     finally:
         stop.set()
         for t in threads:
@@ -744,6 +740,18 @@ def test_kill9_with_load_in_flight(tmp_path: Path, serve: Callable[[dict[str, An
         acked_at_end = list(acked)
     assert failed >= 1, "the kill should have broken at least one request in flight"
     assert len(set(acked_at_end)) == len(acked_at_end)
+    return acked_at_end, owners
+
+
+@pytest.mark.slow
+def test_kill9_with_load_in_flight(tmp_path: Path, serve: Callable[[dict[str, Any]], ServeProc]) -> None:
+    data_dir = tmp_path / "data"
+    spool_dir, db = data_dir / "spool", data_dir / "requests.db"
+    cfg = serve_config(data_dir)
+    cfg["providers"]["sim"]["latency"] = {"ttft_ms": 2, "per_token_ms": 1.5, "jitter": 0}
+    first = serve(cfg)
+    _wait_store_initialised(db)
+    acked_at_end, owners = _kill9_under_load(first, spool_dir)
 
     _restart_and_wait_for_orphans(serve, cfg, spool_dir, owners)
     assert_exactly_once(db, acked_at_end)
