@@ -16,7 +16,6 @@ import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
 
-import aiohttp
 import orjson
 from multidict import CIMultiDict
 
@@ -24,12 +23,11 @@ from setpoint.clock import Clock
 from setpoint.config.schema import AnthropicProviderConfig
 from setpoint.errors import ProviderRejectedError, ProviderResponseError, UpstreamError
 from setpoint.providers.base import error_from_status
-from setpoint.providers.http_session import HttpSession
+from setpoint.providers.http_session import HttpSession, UpstreamResponse
 
 # The raw-body stream (transport errors mapped, `aclose()` drops the connection) is shared with
 # the OpenAI-compatible adapter rather than written twice.
-from setpoint.providers.openai_compatible import _ResponseStream as RawStream
-from setpoint.providers.openai_compatible import map_upstream_errors
+from setpoint.providers.openai_compatible import ResponseStream as RawStream
 from setpoint.types import Reply, UpstreamCall, UpstreamStream
 from setpoint.wire.sse import MalformedEventError, SSEFramer, event_data
 
@@ -542,14 +540,13 @@ class AnthropicProvider:
         self._cfg = cfg
         self._clock = clock
         self._url = cfg.base_url + "/v1/messages"
-        self._http = HttpSession(cfg.timeouts, cfg.max_connections)
         headers: CIMultiDict[str] = CIMultiDict(
             {"Content-Type": "application/json", "anthropic-version": ANTHROPIC_VERSION}
         )
         if cfg.api_key:
             headers["x-api-key"] = cfg.api_key
         headers.update(cfg.headers)  # case-insensitive: configured headers replace the defaults
-        self._headers = headers
+        self._http = HttpSession(name, cfg.timeouts, cfg.max_connections, headers)
 
     async def start(self) -> None:
         await self._http.start()
@@ -563,38 +560,31 @@ class AnthropicProvider:
                 f"upstream {self.name}: Anthropic has no {call.path.strip('/')} endpoint", upstream_status=400
             )
         payload = orjson.dumps(to_anthropic_request(call.body, self._cfg.default_max_tokens, stream=call.is_stream))
-        session = await self._http.get()
         created = int(self._clock.now())
-        with map_upstream_errors(self.name):
-            resp = await session.post(self._url, data=payload, headers=self._headers)
-            await self._raise_for_status(resp)
-            if call.is_stream:
-                return Reply(status=200, stream=self._stream(resp, created))
-            doc = await self._read_json(resp)
+        resp = await self._http.post(self._url, payload)
+        await self._raise_for_status(resp)
+        if call.is_stream:
+            return Reply(status=200, stream=await self._stream(resp, created))
+        doc = await self._read_json(resp)
         return Reply(status=200, body=orjson.dumps(to_openai_completion(self.name, doc, created)))
 
-    async def _raise_for_status(self, resp: aiohttp.ClientResponse) -> None:
+    async def _raise_for_status(self, resp: UpstreamResponse) -> None:
         if resp.status < 300:
             return
-        try:
-            body = await resp.read()
-        finally:
-            resp.release()
+        body = await resp.read()
+        await resp.aclose()
         raise error_from_status(self.name, resp.status, resp.headers, body)
 
-    def _stream(self, resp: aiohttp.ClientResponse, created: int) -> _TranslatedStream:
+    async def _stream(self, resp: UpstreamResponse, created: int) -> _TranslatedStream:
         if resp.content_type != "text/event-stream":
-            resp.close()
+            await resp.aclose()
             raise ProviderResponseError(
                 f"upstream {self.name} answered a stream request with content type {resp.content_type!r}"
             )
-        return _TranslatedStream(self.name, RawStream(self.name, resp), StreamTranslator(self.name, created))
+        return _TranslatedStream(self.name, RawStream(resp), StreamTranslator(self.name, created))
 
-    async def _read_json(self, resp: aiohttp.ClientResponse) -> Any:
-        try:
-            body = await resp.read()
-        finally:
-            resp.release()
+    async def _read_json(self, resp: UpstreamResponse) -> Any:
+        body = await resp.read()
         if resp.content_type != "application/json":
             raise ProviderResponseError(
                 f"upstream {self.name} answered with content type {resp.content_type!r}, not JSON"

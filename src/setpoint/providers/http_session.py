@@ -1,34 +1,84 @@
-"""The pooled keep-alive aiohttp session an HTTP adapter owns (one per provider)."""
+"""The pooled keep-alive HTTP client an adapter owns (one per provider), and the one place where
+transport failures become setpoint errors. Adapters see only `HttpSession.post` and
+`UpstreamResponse`; the transport is `http_pool.HttpPool`."""
 
 from __future__ import annotations
 
-import aiohttp
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
 
 from setpoint.config.schema import TimeoutsConfig
+from setpoint.errors import ProviderResponseError, ProviderTimeoutError, ProviderUnavailableError
+from setpoint.providers.http_pool import (
+    BodyError,
+    ConnectError,
+    HttpPool,
+    PooledResponse,
+    ProtocolError,
+    TransportError,
+    TransportTimeout,
+    encode_headers,
+)
 
-__all__ = ["HttpSession"]
+__all__ = ["HttpSession", "UpstreamResponse", "map_transport_errors"]
+
+
+@contextmanager
+def map_transport_errors(provider: str) -> Iterator[None]:
+    try:
+        yield
+    except TransportTimeout as exc:
+        raise ProviderTimeoutError(f"upstream {provider} timed out") from exc
+    except (BodyError, ProtocolError) as exc:
+        raise ProviderResponseError(f"upstream {provider} sent a truncated or malformed response: {exc}") from exc
+    except ConnectError as exc:
+        raise ProviderUnavailableError(f"upstream {provider} is unreachable: {exc}") from exc
+    except TransportError as exc:  # a future subclass: still never a 500
+        raise ProviderUnavailableError(f"upstream {provider} failed: {exc}") from exc
+
+
+class UpstreamResponse:
+    """One upstream answer: status and headers now, the body read whole or chunk by chunk."""
+
+    __slots__ = ("_provider", "_resp", "content_type", "headers", "status")
+
+    def __init__(self, provider: str, resp: PooledResponse) -> None:
+        self._provider = provider
+        self._resp = resp
+        self.status = resp.status
+        self.headers: Mapping[str, str] = resp.headers  # lower-case names
+        ctype = resp.headers.get("content-type") or ""
+        self.content_type = ctype.split(";", 1)[0].strip().lower()
+
+    async def read(self) -> bytes:
+        with map_transport_errors(self._provider):
+            return await self._resp.read()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        with map_transport_errors(self._provider):
+            async for chunk in self._resp.chunks():
+                yield chunk
+
+    async def aclose(self) -> None:
+        """Give the connection back; before the body's end this closes it (the upstream stops)."""
+        self._resp.release()
 
 
 class HttpSession:
-    def __init__(self, timeouts: TimeoutsConfig, max_connections: int) -> None:
-        self._timeout = aiohttp.ClientTimeout(total=timeouts.read_s, sock_connect=timeouts.connect_s)
-        self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
+    def __init__(self, provider: str, timeouts: TimeoutsConfig, max_connections: int, headers: Mapping[str, str]) -> None:
+        self._provider = provider
+        self._header_block = encode_headers(headers)
+        self._pool = HttpPool(
+            max_connections=max_connections, connect_timeout_s=timeouts.connect_s, total_timeout_s=timeouts.read_s
+        )
 
     async def start(self) -> None:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=60, ttl_dns_cache=300)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, skip_auto_headers=("User-Agent",)
-            )
+        pass  # connections open on first use
 
-    async def get(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            await self.start()
-        assert self._session is not None
-        return self._session
+    async def post(self, url: str, body: bytes) -> UpstreamResponse:
+        with map_transport_errors(self._provider):
+            resp = await self._pool.post(url, self._header_block, body)
+        return UpstreamResponse(self._provider, resp)
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._pool.aclose()

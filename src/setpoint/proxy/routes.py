@@ -55,6 +55,13 @@ def error_response(err: SetpointError, request_id: str | None = None) -> web.Res
     return web.Response(status=err.status, body=error_body(err), content_type=_JSON, headers=headers)
 
 
+class _SSEResponse(web.StreamResponse):
+    """A stream whose headers leave with its first event: one write and one packet instead of two.
+    (aiohttp's own flag; on a version without it, headers are sent on their own as before.)"""
+
+    _send_headers_immediately = False
+
+
 class _RequestIds:
     """Time-ordered, unique ids: `req_` + ms timestamp + 64 random bits per process + a counter.
 
@@ -188,7 +195,7 @@ class ApiHandlers:
         ctx.overhead_ms = max(0.0, (self._clock.monotonic() - ctx.started_mono - ctx.upstream_wait_s) * 1000)
         if self._overhead_header:
             ctx.response_headers["x-setpoint-overhead-ms"] = f"{ctx.overhead_ms:.3f}"
-        resp = web.StreamResponse(
+        resp = _SSEResponse(
             status=200, headers={**_SSE_HEADERS, "x-request-id": ctx.request_id, **ctx.response_headers}
         )
         failure: SetpointError | None = None

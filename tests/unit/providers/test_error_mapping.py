@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
 
-import aiohttp
 import orjson
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from setpoint.errors import (
     InvalidRequestError,
@@ -21,7 +17,8 @@ from setpoint.errors import (
     UpstreamError,
 )
 from setpoint.providers.base import error_from_status, parse_retry_after
-from setpoint.providers.openai_compatible import map_upstream_errors
+from setpoint.providers.http_pool import BodyError, ConnectError, ProtocolError, TransportError, TransportTimeout
+from setpoint.providers.http_session import map_transport_errors
 
 
 def openai_error(message: str, code: str | None, etype: str = "invalid_request_error") -> bytes:
@@ -194,126 +191,43 @@ def test_every_mapping_is_an_upstream_error() -> None:
         assert err.status != 401
 
 
-# -- map_upstream_errors (aiohttp adapter) ------------------------------------------------------
-
-
-def _request_info() -> aiohttp.RequestInfo:
-    url = URL("http://upstream.invalid/v1/chat/completions")
-    return aiohttp.RequestInfo(url, "POST", CIMultiDictProxy(CIMultiDict()), url)
-
-
-def _conn_key() -> object:
-    from aiohttp.client_reqrep import ConnectionKey
-
-    return ConnectionKey("upstream.invalid", 443, True, True, None, None, None)
-
+# -- map_transport_errors (the HTTP pool's failures) ----------------------------------------------
 
 TRANSPORT_CASES: list[tuple[str, BaseException, type[UpstreamError]]] = [
-    ("asyncio timeout", asyncio.TimeoutError(), ProviderTimeoutError),
-    ("builtin timeout", TimeoutError(), ProviderTimeoutError),
-    ("server timeout", aiohttp.ServerTimeoutError("Timeout on reading data from socket"), ProviderTimeoutError),
-    ("connection timeout", aiohttp.ConnectionTimeoutError("Connection timeout"), ProviderTimeoutError),
-    ("socket timeout", aiohttp.SocketTimeoutError("Timeout on reading data from socket"), ProviderTimeoutError),
-    ("payload error", aiohttp.ClientPayloadError("Response payload is not completed"), ProviderResponseError),
-    ("response error", aiohttp.ClientResponseError(_request_info(), (), status=200, message="bad"), ProviderResponseError),
-    ("content type", aiohttp.ContentTypeError(_request_info(), (), message="unexpected mimetype"), ProviderResponseError),
-    ("too many redirects", aiohttp.TooManyRedirects(_request_info(), ()), ProviderResponseError),
-    ("server disconnected", aiohttp.ServerDisconnectedError(), ProviderUnavailableError),
-    ("connector error", aiohttp.ClientConnectorError(_conn_key(), ConnectionRefusedError(111, "Connection refused")), ProviderUnavailableError),  # type: ignore[arg-type]
-    ("client os error", aiohttp.ClientOSError(104, "Connection reset by peer"), ProviderUnavailableError),
-    ("connection reset", aiohttp.ClientConnectionResetError("Cannot write to closing transport"), ProviderUnavailableError),
-    ("plain OSError", OSError(101, "Network is unreachable"), ProviderUnavailableError),
-    ("ConnectionResetError", ConnectionResetError(), ProviderUnavailableError),
-    ("generic client error", aiohttp.ClientError("x"), ProviderUnavailableError),
+    ("connect or total timeout", TransportTimeout("timed out"), ProviderTimeoutError),
+    ("truncated body", BodyError("the connection closed inside the body"), ProviderResponseError),
+    ("invalid HTTP", ProtocolError("invalid HTTP response"), ProviderResponseError),
+    ("refused", ConnectError("Connection refused"), ProviderUnavailableError),
+    ("closed before a response", ConnectError("the connection closed before a response"), ProviderUnavailableError),
+    ("any other transport error", TransportError("x"), ProviderUnavailableError),
 ]
 
 
 @pytest.mark.parametrize(("exc", "mapped"), [c[1:] for c in TRANSPORT_CASES], ids=[c[0] for c in TRANSPORT_CASES])
-def test_map_upstream_errors(exc: BaseException, mapped: type[UpstreamError]) -> None:
+def test_map_transport_errors(exc: BaseException, mapped: type[UpstreamError]) -> None:
     with pytest.raises(UpstreamError) as info:
-        with map_upstream_errors("openai"):
+        with map_transport_errors("openai"):
             raise exc
     assert type(info.value) is mapped
     assert info.value.__cause__ is exc
     assert "openai" in info.value.message
 
 
-def test_map_upstream_errors_passes_setpoint_errors_through() -> None:
+def test_map_transport_errors_passes_setpoint_errors_through() -> None:
     original = ProviderRejectedError("x", upstream_status=400)
     with pytest.raises(ProviderRejectedError) as info:
-        with map_upstream_errors("p"):
+        with map_transport_errors("p"):
             raise original
     assert info.value is original
 
 
-def test_map_upstream_errors_does_not_swallow_programming_errors() -> None:
+def test_map_transport_errors_does_not_swallow_programming_errors() -> None:
     with pytest.raises(KeyError):
-        with map_upstream_errors("p"):
+        with map_transport_errors("p"):
             raise KeyError("bug")
 
 
-def test_map_upstream_errors_quiet_on_success() -> None:
-    with map_upstream_errors("p"):
+def test_map_transport_errors_quiet_on_success() -> None:
+    with map_transport_errors("p"):
         value = 1
     assert value == 1
-
-
-def _closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def test_real_connection_refused_maps_to_unavailable() -> None:
-    port = _closed_port()
-    async with aiohttp.ClientSession() as session:
-        with pytest.raises(ProviderUnavailableError) as info:
-            with map_upstream_errors("local"):
-                async with session.get(f"http://127.0.0.1:{port}/v1/models"):
-                    pass
-    assert isinstance(info.value.__cause__, aiohttp.ClientConnectorError)
-    assert "ClientConnectorError" in info.value.message
-
-
-async def test_real_truncated_body_maps_to_bad_response() -> None:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"partial\":")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        async with aiohttp.ClientSession() as session:
-            with pytest.raises(ProviderResponseError) as info:
-                with map_upstream_errors("local"):
-                    async with session.get(f"http://127.0.0.1:{port}/") as resp:
-                        await resp.read()
-        assert isinstance(info.value.__cause__, aiohttp.ClientPayloadError)
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
-async def test_real_read_timeout_maps_to_timeout() -> None:
-    release = asyncio.Event()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        await release.wait()  # never answers in time
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        timeout = aiohttp.ClientTimeout(total=0.2)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            with pytest.raises(ProviderTimeoutError):
-                with map_upstream_errors("local"):
-                    async with session.get(f"http://127.0.0.1:{port}/") as resp:
-                        await resp.read()
-    finally:
-        release.set()
-        server.close()
-        await server.wait_closed()
