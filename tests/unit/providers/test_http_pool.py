@@ -10,10 +10,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import shutil
 import socket
+import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -67,8 +71,8 @@ class Upstream:
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
 
-    async def start(self) -> Upstream:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> Upstream:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=ssl_context)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -94,7 +98,7 @@ class Upstream:
                         if name.strip().lower() == b"content-length":
                             length = int(value)
                     body = await reader.readexactly(length)
-                except (asyncio.IncompleteReadError, ConnectionError):
+                except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
                     self.eof.add(cid)
                     return
                 req = Request(cid, head + body, body)
@@ -608,3 +612,55 @@ def test_encode_headers_drops_the_headers_the_pool_writes() -> None:
 def test_encode_headers_later_name_in_other_case_replaces_earlier() -> None:
     block = encode_headers({"X-Key": "first", "Accept": "*/*", "x-KEY": "second"})
     assert block == b"x-KEY: second\r\nAccept: */*\r\n"
+
+
+# -- TLS ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost (openssl CLI, as on every CI machine)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+async def _tls_upstream(tls_cert: tuple[Path, Path], *replies: Reply) -> Upstream:
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(*tls_cert)
+    return await Upstream(replies).start(server_ctx)
+
+
+async def test_https_request_over_tls(tls_cert: tuple[Path, Path]) -> None:
+    up = await _tls_upstream(tls_cert, response(b"secret answer"))
+    client_ctx = ssl.create_default_context(cafile=str(tls_cert[0]))
+    pool = HttpPool(max_connections=2, connect_timeout_s=2.0, total_timeout_s=5.0, ssl_context=client_ctx)
+    try:
+        for _ in range(2):  # the second request reuses the TLS connection
+            resp = await pool.post(f"https://localhost:{up.port}/v1/x", b"Content-Type: application/json\r\n", b"{}")
+            assert resp.status == 200
+            assert await resp.read() == b"secret answer"
+        assert up.connections == 1
+        assert up.requests[0].raw.startswith(b"POST /v1/x HTTP/1.1\r\nHost: localhost:%d\r\n" % up.port)
+    finally:
+        await pool.aclose()
+        await up.aclose()
+
+
+async def test_https_to_an_untrusted_certificate_is_a_connect_error(tls_cert: tuple[Path, Path]) -> None:
+    up = await _tls_upstream(tls_cert, response(b"never sent"))
+    pool = HttpPool(max_connections=2, connect_timeout_s=2.0, total_timeout_s=5.0)  # system CAs only
+    try:
+        with pytest.raises(ConnectError, match="TLS"):
+            await pool.post(f"https://localhost:{up.port}/", b"", b"")
+        assert up.requests == []
+    finally:
+        await pool.aclose()
+        await up.aclose()
