@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
 
 import orjson
-from multidict import CIMultiDict
 
 from setpoint.clock import Clock
 from setpoint.config.schema import AnthropicProviderConfig
@@ -540,12 +539,10 @@ class AnthropicProvider:
         self._cfg = cfg
         self._clock = clock
         self._url = cfg.base_url + "/v1/messages"
-        headers: CIMultiDict[str] = CIMultiDict(
-            {"Content-Type": "application/json", "anthropic-version": ANTHROPIC_VERSION}
-        )
+        headers = {"Content-Type": "application/json", "anthropic-version": ANTHROPIC_VERSION}
         if cfg.api_key:
             headers["x-api-key"] = cfg.api_key
-        headers.update(cfg.headers)  # case-insensitive: configured headers replace the defaults
+        headers.update(cfg.headers)  # names are case-insensitive: a configured header replaces a default
         self._http = HttpSession(name, cfg.timeouts, cfg.max_connections, headers)
 
     async def start(self) -> None:
