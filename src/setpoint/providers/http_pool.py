@@ -327,12 +327,13 @@ class HttpPool:
             self._urls[url] = hit
         return hit
 
-    async def _connect(self, origin: _Origin) -> _Conn:
+    async def _connect(self, origin: _Origin, *, reuse: bool) -> tuple[_Conn, bool]:
+        """A connection, and whether it is a reused one."""
         now = time.monotonic()
-        while origin.idle:
+        while reuse and origin.idle:
             conn, since = origin.idle.pop()
             if not conn.closed and now - since < self._idle_timeout_s:
-                return conn
+                return conn, True
             conn.abort()
         loop = asyncio.get_running_loop()
         try:
@@ -349,37 +350,49 @@ class HttpPool:
             raise ConnectError(f"TLS handshake failed: {exc.reason or exc}") from None
         except OSError as exc:
             raise ConnectError(exc.strerror or type(exc).__name__) from None
-        return conn
+        return conn, False
 
     async def post(self, url: str, header_block: bytes, body: bytes) -> PooledResponse:
-        """Send one POST; returns once the status line and headers are in."""
+        """Send one POST; returns once the status line and headers are in.
+
+        One retry, on a new connection, in exactly one case: a reused keep-alive connection that the
+        upstream closed without sending a byte (it closed the idle connection as we reused it, so it
+        never read the request). Every other failure is the caller's to retry or not."""
         if self._closed:
             raise ConnectError("the client is closed")
         origin, path = self._target(url)
         await origin.sem.acquire()
         conn: _Conn | None = None
         timer: asyncio.TimerHandle | None = None
+        request = b"POST %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n%s" % (
+            path, origin.host_header, header_block, len(body), body)
         try:
-            if self._closed:  # closed while this call waited for a slot
-                raise ConnectError("the client is closed")
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self._total_timeout_s
-            conn = await self._connect(origin)
-            if self._closed:
-                raise ConnectError("the client is closed")
-            if loop.time() >= deadline:
-                raise TransportTimeout("timed out")
-            self._active.add(conn)
-            timer = loop.call_at(deadline, conn.deadline_passed)
-            assert conn.transport is not None
-            conn.transport.write(
-                b"POST %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n%s"
-                % (path, origin.host_header, header_block, len(body), body)
-            )
-            while conn.status == 0 and conn.error is None:
-                await conn.wait()
-            if conn.error is not None:
-                raise conn.error
+            for reuse in (True, False):
+                if self._closed:  # closed while this call waited for a slot or a connection
+                    raise ConnectError("the client is closed")
+                conn, reused = await self._connect(origin, reuse=reuse)
+                if self._closed:
+                    raise ConnectError("the client is closed")
+                if loop.time() >= deadline:
+                    raise TransportTimeout("timed out")
+                self._active.add(conn)
+                timer = loop.call_at(deadline, conn.deadline_passed)
+                assert conn.transport is not None
+                conn.transport.write(request)
+                while conn.status == 0 and conn.error is None:
+                    await conn.wait()
+                err = conn.error
+                if err is None:
+                    break
+                if reused and conn._bytes_in == 0 and isinstance(err, ConnectError):
+                    timer.cancel()
+                    self._active.discard(conn)
+                    conn.abort()
+                    conn = timer = None
+                    continue
+                raise err
         except BaseException:
             if timer is not None:
                 timer.cancel()
@@ -388,7 +401,7 @@ class HttpPool:
                 conn.abort()
             origin.sem.release()
             raise
-        assert timer is not None
+        assert timer is not None and conn is not None
         return PooledResponse(self, origin, conn, timer)
 
     async def aclose(self) -> None:

@@ -377,6 +377,36 @@ async def test_close_without_answer_raises_connect_error(upstream, make_pool) ->
     assert len(up.requests) == 1
 
 
+async def test_reused_connection_closed_without_a_byte_is_retried_once_on_a_new_one(upstream, make_pool) -> None:
+    # Request 2 arrives on the kept-alive connection and the upstream closes it without answering,
+    # as a server does when its idle timeout fires just as the connection is reused.
+    up = await upstream(response(b"first"), slowly(close=True), response(b"third"))
+    pool = make_pool()
+    assert await (await pool.post(up.url(), b"", b"a")).read() == b"first"
+    resp = await pool.post(up.url(), b"", b"b")
+    assert await resp.read() == b"third"
+    assert [r.conn for r in up.requests] == [0, 0, 1]  # the retry went out on a new connection
+    assert [r.body for r in up.requests] == [b"a", b"b", b"b"]
+
+
+async def test_reused_connection_failing_after_bytes_is_not_retried(upstream, make_pool) -> None:
+    up = await upstream(response(b"first"), slowly(b"HTTP/1.1 200 OK\r\n", close=True), response(b"never"))
+    pool = make_pool()
+    assert await (await pool.post(up.url(), b"", b"")).read() == b"first"
+    with pytest.raises(ProtocolError):
+        await pool.post(up.url(), b"", b"")
+    assert len(up.requests) == 2
+
+
+async def test_retry_on_a_new_connection_is_not_retried_again(upstream, make_pool) -> None:
+    up = await upstream(response(b"first"), slowly(close=True))  # every later request: closed unanswered
+    pool = make_pool()
+    assert await (await pool.post(up.url(), b"", b"")).read() == b"first"
+    with pytest.raises(ConnectError):
+        await pool.post(up.url(), b"", b"")
+    assert [r.conn for r in up.requests] == [0, 0, 1]
+
+
 async def test_connection_refused_raises_connect_error(make_pool) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))  # bound but not listening: connecting is refused
