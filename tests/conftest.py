@@ -31,6 +31,8 @@ import pytest
 import redis
 import yaml
 from aiohttp import web
+from logstore.pg import PgServer, pg_ctl_for_tests, pg_server_fixture, pg_url_fixture
+from pytest_postgresql import factories
 
 from setpoint.clock import Clock
 from setpoint.config.compile import compile_config
@@ -46,6 +48,22 @@ LOOPBACK = "127.0.0.1"
 
 
 # -- config -------------------------------------------------------------------------------------
+
+
+# One throwaway PostgreSQL for the whole session (request-log, durability and dashboard tests):
+# pytest-postgresql's `postgresql_proc`, started only when a test asks for `pg_server` (tests/logstore/pg.py).
+postgresql_proc = factories.postgresql_proc(executable=pg_ctl_for_tests(), port=None)
+
+
+@pytest.fixture(scope="session")
+def pg_server(request: pytest.FixtureRequest) -> Iterator[PgServer]:
+    yield from pg_server_fixture(request)
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> Iterator[str]:
+    """URL of an empty database of its own on the test server."""
+    yield from pg_url_fixture(pg_server)
 
 
 def sim_provider(seed: int = 1, **extra: Any) -> dict[str, Any]:

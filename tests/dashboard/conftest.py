@@ -24,8 +24,6 @@ import httpx
 import pytest
 
 from logstore.conftest import sqlite_backend
-from logstore.pg import PgServer, pg_ctl_for_tests, pg_server_fixture, pg_url_fixture
-from pytest_postgresql import factories
 
 from setpoint.proxy.background import BackgroundGateway
 
@@ -201,18 +199,6 @@ def seeded_gateway(make_gateway: Callable[..., BackgroundGateway], default_confi
                                          logging={"store_content": True, "flush_interval_ms": 20}))
 
 
-# PostgreSQL for the real-log tests: the request-log tests' throwaway server helpers (tests/logstore/pg.py).
-postgresql_proc = factories.postgresql_proc(executable=pg_ctl_for_tests(), port=None)
-
-
-@pytest.fixture(scope="session")
-def pg_server(request: pytest.FixtureRequest) -> Iterator[PgServer]:
-    yield from pg_server_fixture(request)
-
-
-@pytest.fixture
-def pg_url(pg_server: PgServer) -> Iterator[str]:
-    yield from pg_url_fixture(pg_server)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

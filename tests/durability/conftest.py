@@ -18,27 +18,11 @@ from typing import Any
 
 import pytest
 import yaml
-from logstore.pg import PgServer, pg_ctl_for_tests, pg_server_fixture, pg_url_fixture
-from pytest_postgresql import factories
 
 from setpoint.logstore.drainer import SpoolDrainer
 from setpoint.logstore.spool import Spool
 
 SRC_DIR = str(Path(__file__).resolve().parents[2] / "src")
-
-# A throwaway PostgreSQL for the PostgreSQL kill test (the same as tests/logstore's).
-postgresql_proc = factories.postgresql_proc(executable=pg_ctl_for_tests(), port=None)
-
-
-@pytest.fixture(scope="session")
-def pg_server(request: pytest.FixtureRequest) -> Iterator[PgServer]:
-    yield from pg_server_fixture(request)
-
-
-@pytest.fixture
-def pg_url(pg_server: PgServer) -> Iterator[str]:
-    yield from pg_url_fixture(pg_server)
-
 
 def make_record(i: int | str, **extra: Any) -> dict[str, Any]:
     """A record shaped like `logstore.record.build_record` output (every NOT NULL column set)."""

@@ -10,27 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pytest_postgresql import factories
 
 from setpoint.logstore.sql_reader import SqlLogReader
 from setpoint.logstore.sql_store import SqlLogStore
 
-from .pg import PgServer, pg_ctl_for_tests, pg_server_fixture, pg_url_fixture
-
-postgresql_proc = factories.postgresql_proc(executable=pg_ctl_for_tests(), port=None)
+from .pg import pg_url_fixture
 
 NOW = 1_790_000_000.0  # 2026-09-21 14:13:20 UTC: the clock of stores and readers in these tests
-
-
-@pytest.fixture(scope="session")
-def pg_server(request: pytest.FixtureRequest) -> Iterator[PgServer]:
-    yield from pg_server_fixture(request)
-
-
-@pytest.fixture
-def pg_url(pg_server: PgServer) -> Iterator[str]:
-    """URL of an empty database of its own on the test server."""
-    yield from pg_url_fixture(pg_server)
 
 
 @dataclass
