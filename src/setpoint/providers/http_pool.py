@@ -361,14 +361,20 @@ class HttpPool:
         if self._closed:
             raise ConnectError("the client is closed")
         origin, path = self._target(url)
-        await origin.sem.acquire()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._total_timeout_s  # the wait for a free slot counts too
+        if origin.sem.locked():
+            try:
+                await asyncio.wait_for(origin.sem.acquire(), self._total_timeout_s)
+            except asyncio.TimeoutError:
+                raise TransportTimeout("timed out waiting for a free connection") from None
+        else:
+            await origin.sem.acquire()
         conn: _Conn | None = None
         timer: asyncio.TimerHandle | None = None
         request = b"POST %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n%s" % (
             path, origin.host_header, header_block, len(body), body)
         try:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self._total_timeout_s
             for reuse in (True, False):
                 if self._closed:  # closed while this call waited for a slot or a connection
                     raise ConnectError("the client is closed")

@@ -491,6 +491,18 @@ async def test_connection_cap_under_concurrency(upstream, make_pool) -> None:
     assert len(up.requests) == 5
 
 
+async def test_waiting_for_a_free_slot_counts_toward_the_deadline(upstream, make_pool) -> None:
+    up = await upstream(CHUNKED_HEAD + chunk(b"first"))  # a stream that then stays silent
+    pool = make_pool(max_connections=1, total_timeout_s=0.3)
+    held = await pool.post(up.url(), b"", b"")  # holds the only slot until released
+    start = time.monotonic()
+    with pytest.raises(TransportTimeout, match="free connection"):
+        await pool.post(up.url(), b"", b"")
+    assert 0.25 <= time.monotonic() - start < 0.8
+    assert len(up.requests) == 1  # the second never reached the upstream
+    held.release()
+
+
 async def test_cancelled_post_frees_its_slot(upstream, make_pool) -> None:
     up = await upstream(SILENT, response(b"second"))
     pool = make_pool(max_connections=1)
