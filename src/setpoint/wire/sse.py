@@ -35,7 +35,7 @@ class SSEFramer:
             buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         parts = buf.split(b"\n\n")
         self._tail = parts.pop()
-        return [p.strip(b"\n") for p in parts if p.strip(b"\n")]
+        return [event for p in parts if (event := p.strip(b"\n"))]
 
     @property
     def pending(self) -> bytes:
