@@ -368,3 +368,23 @@ def test_unary_reservation_covers_the_deployment_that_actually_serves(
     spent = ledger_spent(gw, line_key(0, "key", "cfg:all", "daily"))
     assert spent == (row["cost_micros"] or 0)
     assert spent <= limit_micros, f"a unary request overshot the hard budget: {spent} > {limit_micros}"
+
+
+# -- budget windows ---------------------------------------------------------------------------------
+
+_JAN_31_2027 = 1_801_353_600.0  # 2027-01-31 00:00:00 UTC
+
+
+@pytest.mark.parametrize(("now", "daily", "daily_ttl", "monthly", "monthly_ttl"), [
+    (_JAN_31_2027, "d2027-01-31", 2 * 86_400, "m2027-01", 3 * 86_400),
+    (_JAN_31_2027 + 86_399.5, "d2027-01-31", 86_400.5, "m2027-01", 2 * 86_400 + 0.5),
+    (_JAN_31_2027 + 86_400, "d2027-02-01", 2 * 86_400, "m2027-02", 30 * 86_400),  # February 2027: 28 days
+    (_JAN_31_2027 - 0.25, "d2027-01-30", 86_400.25, "m2027-01", 3 * 86_400 + 0.25),
+])
+def test_period_window_at_day_and_month_boundaries(now: float, daily: str, daily_ttl: float, monthly: str,
+                                                   monthly_ttl: float) -> None:
+    # Twice each: the second answer comes from the per-day memo and must not differ.
+    for _ in range(2):
+        assert period_window("daily", now) == (daily, pytest.approx(daily_ttl))
+        assert period_window("monthly", now) == (monthly, pytest.approx(monthly_ttl))
+    assert period_window("total", now) == ("total", 10 * 365 * 86_400)

@@ -20,6 +20,7 @@ Soft budgets are tracked and flagged, never refused.
 from __future__ import annotations
 
 import calendar
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -51,15 +52,23 @@ _SEEN_MAX = 256  # budget entities remembered per process for the budget gauges
 
 def period_window(period: str, now: float) -> tuple[str, float]:
     """(window id, seconds to keep the line) for a calendar-aligned UTC period."""
-    t = time.gmtime(now)
+    if period not in ("daily", "monthly"):
+        return "total", 10 * 365 * _DAY
+    window, end, slack = _window_of_day(period, int(now // _DAY))
+    return window, end - now + slack
+
+
+@functools.lru_cache(maxsize=16)
+def _window_of_day(period: str, day: int) -> tuple[str, float, float]:
+    """(window id, end of the window, extra keep) for UTC day number `day`: computed once a day
+    per period instead of once per request."""
+    t = time.gmtime(day * _DAY)
     if period == "daily":
         end = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0)) + _DAY
-        return time.strftime("d%Y-%m-%d", t), end - now + _DAY
-    if period == "monthly":
-        days = calendar.monthrange(t.tm_year, t.tm_mon)[1]
-        end = calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0)) + days * _DAY
-        return time.strftime("m%Y-%m", t), end - now + 2 * _DAY
-    return "total", 10 * 365 * _DAY
+        return time.strftime("d%Y-%m-%d", t), end, _DAY
+    days = calendar.monthrange(t.tm_year, t.tm_mon)[1]  # monthly
+    end = calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0)) + days * _DAY
+    return time.strftime("m%Y-%m", t), end, 2 * _DAY
 
 
 def budget_line(index: int, rule: BudgetConfig, entity: str, now: float) -> LedgerLine:
