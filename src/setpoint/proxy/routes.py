@@ -175,7 +175,6 @@ class ApiHandlers:
         assert reply.stream is not None
         upstream = reply.stream
         relay = StreamRelay(ctx, self._clock)
-        ctx.stream_payloads = relay.payloads
         chunks: AsyncIterator[bytes] = aiter(upstream)
         guard = ctx.stream_guard
         try:
@@ -235,6 +234,7 @@ class ApiHandlers:
 
     async def _complete_stream(self, ctx: RequestContext, relay: StreamRelay, status: int, code: str | None) -> None:
         ctx.status, ctx.error_code = status, code
+        ctx.stream_payloads = relay.payloads  # for the finalizers (the cache)
         if ctx.upstream_started is not None:
             ctx.upstream_ms = (self._clock.monotonic() - ctx.upstream_started) * 1000
         await self._complete(ctx, relay.generated_text)
