@@ -37,6 +37,7 @@ __all__ = [
 
 _HIGH_WATER = 256 * 1024  # pause reading when this much body is waiting for the consumer
 _LOW_WATER = 64 * 1024
+_MAX_HEAD = 64 * 1024  # status line and headers; more is an upstream gone wrong, not an answer
 
 
 class TransportError(Exception):
@@ -131,6 +132,9 @@ class _Conn(asyncio.Protocol):
             self._fail(ProtocolError("the upstream switched protocols"))
         except httptools.HttpParserError as exc:
             self._fail(ProtocolError(f"invalid HTTP response: {exc}"))
+        else:
+            if self.status == 0 and self._bytes_in > _MAX_HEAD:
+                self._fail(ProtocolError(f"the response head is over {_MAX_HEAD // 1024} KB"))
 
     def eof_received(self) -> bool:
         return False  # close the transport: connection_lost follows

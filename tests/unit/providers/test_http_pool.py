@@ -370,6 +370,21 @@ async def test_close_inside_response_head_raises_protocol_error(upstream, make_p
         await make_pool().post(up.url(), b"", b"")
 
 
+async def test_endless_response_head_is_a_protocol_error(upstream, make_pool) -> None:
+    async def endless(req: Request, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        for i in range(2_000):  # 2,000 headers of ~100 bytes: far past the 64 KB cap
+            writer.write(b"x-filler-%d: %s\r\n" % (i, b"y" * 80))
+            await writer.drain()
+        await asyncio.sleep(5)
+
+    up = await upstream(endless)
+    start = time.monotonic()
+    with pytest.raises(ProtocolError, match="over 64 KB"):
+        await make_pool().post(up.url(), b"", b"")
+    assert time.monotonic() - start < 2
+
+
 async def test_close_without_answer_raises_connect_error(upstream, make_pool) -> None:
     up = await upstream(slowly(close=True))
     with pytest.raises(ConnectError):
