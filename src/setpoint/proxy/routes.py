@@ -199,9 +199,12 @@ class ApiHandlers:
         )
         failure: SetpointError | None = None
         client_gone = False
+        pending = b""  # events held for the last write
         try:
             await resp.prepare(request)
-            if first:
+            if relay.is_done:
+                pending = first  # the whole stream came in the first read: it leaves with [DONE], in one write
+            elif first:
                 await resp.write(first)
             async for chunk in chunks:
                 out = relay.feed(chunk)
@@ -226,10 +229,10 @@ class ApiHandlers:
             return resp
         if failure is not None:
             await self._complete_stream(ctx, relay, failure.status, failure.wire_code)
-            await _write_quietly(resp, error_event(failure))  # an explicit error, never a clean [DONE]
+            await _write_quietly(resp, pending + error_event(failure))  # an explicit error, never a clean [DONE]
         else:
             await self._complete_stream(ctx, relay, 200, None)
-            await _write_quietly(resp, _DONE_EVENT)
+            await _write_quietly(resp, pending + _DONE_EVENT)
         return resp
 
     async def _complete_stream(self, ctx: RequestContext, relay: StreamRelay, status: int, code: str | None) -> None:
