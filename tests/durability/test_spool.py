@@ -758,3 +758,36 @@ def test_kill9_with_load_in_flight(tmp_path: Path, serve: Callable[[dict[str, An
     # Requests cut by the kill may or may not have been logged, but never twice.
     assert all(c == 1 for c in db_id_counts(db).values())
     assert db_total_rows(db) >= len(acked_at_end)
+
+
+def test_append_does_not_wait_for_a_slow_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The drainer fsyncs the live segment every tick; on a busy disk that takes hundreds of ms.
+    Appends (the event loop's) must not queue behind it. The disk is made slow by delaying fsync;
+    the segment must still be the one synced, and every appended line must be in it."""
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        time.sleep(0.5)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    try:
+        syncing = threading.Thread(target=spool.sync)
+        syncing.start()
+        time.sleep(0.05)  # the sync is inside its fsync now
+        start = time.monotonic()
+        for i in range(100):
+            spool.append({"i": i})
+        waited = time.monotonic() - start
+        syncing.join()
+        assert waited < 0.25, f"100 appends took {waited:.3f}s behind an fsync"
+        assert synced == [os.stat(spool.current_segment).st_ino]
+    finally:
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        spool.close()
+        spool.release()
+    lines = spool.current_segment.read_bytes().splitlines()
+    assert [orjson.loads(line)["i"] for line in lines] == list(range(100))

@@ -71,9 +71,17 @@ class Spool:
                 self._fd = self._open_segment()
 
     def sync(self) -> None:
+        """fsync the current segment. The append lock is held only to take a duplicate of the fd,
+        not through the disk wait: an fsync can take hundreds of milliseconds on a busy disk, and
+        `append` runs on the event loop (holding the lock through it stalled every request)."""
         with self._mutex:
-            if self._fd >= 0:
-                os.fsync(self._fd)
+            if self._fd < 0:
+                return
+            fd = os.dup(self._fd)  # stays valid even if append rotates and closes the original
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         with self._mutex:
