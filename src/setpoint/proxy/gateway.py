@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable
 
 from aiohttp import web
 
@@ -22,6 +24,8 @@ from setpoint.policy.stages.auth import AuthStage
 from setpoint.proxy.admin import AdminHandlers
 from setpoint.proxy.routes import ApiHandlers, error_response
 from setpoint.types import Stage
+
+log = logging.getLogger("setpoint.gateway")
 
 __all__ = ["Gateway", "build_app"]
 
@@ -57,17 +61,28 @@ class Gateway:
             await p.start()
 
     async def stop(self) -> None:
-        for p in self.runtime.providers.values():
-            await p.aclose()
-        cache = self.stages.get("cache")
-        if isinstance(cache, CacheStage):
-            await cache.aclose()  # pending writes, before the store under them closes
-        await self.runtime.state.aclose()
-        if self.metrics is not None:
-            await self.metrics.stop()
-        if self.tracer is not None:
-            await asyncio.to_thread(self.tracer.shutdown)  # exports what is still buffered
-        self.request_log.stop()
+        """Stop everything in order. A step that fails is logged and the rest still run; the
+        request log stops last and always: it drains acknowledged records and its spool."""
+        try:
+            for p in self.runtime.providers.values():
+                await _logged(f"closing provider {p.name}", p.aclose())
+            cache = self.stages.get("cache")
+            if isinstance(cache, CacheStage):
+                await _logged("draining cache writes", cache.aclose())  # before the store under them closes
+            await _logged("closing the state store", self.runtime.state.aclose())
+            if self.metrics is not None:
+                await _logged("stopping metrics", self.metrics.stop())
+            if self.tracer is not None:  # exports what is still buffered
+                await _logged("flushing traces", asyncio.to_thread(self.tracer.shutdown))
+        finally:
+            self.request_log.stop()
+
+
+async def _logged(what: str, step: Awaitable[None]) -> None:
+    try:
+        await step
+    except Exception:  # noqa: BLE001 - shutdown goes on; the log says what failed
+        log.exception("shutdown: %s failed", what)
 
 
 def build_app(gw: Gateway) -> web.Application:

@@ -128,3 +128,8 @@ def run_server(
     signal.signal(signal.SIGINT, forward)
     for p in procs:
         p.join()
+    # A worker that failed (an exception, or killed by anything but the stop signals) fails `serve`.
+    failed = [(p.name, p.exitcode) for p in procs if p.exitcode not in (0, -signal.SIGTERM, -signal.SIGINT)]
+    if failed:
+        log.error("worker processes failed: %s", ", ".join(f"{name} exit code {code}" for name, code in failed))
+        raise SystemExit(1)
