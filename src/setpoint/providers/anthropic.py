@@ -22,11 +22,7 @@ from setpoint.clock import Clock
 from setpoint.config.schema import AnthropicProviderConfig
 from setpoint.errors import ProviderRejectedError, ProviderResponseError, UpstreamError
 from setpoint.providers.base import error_from_status
-from setpoint.providers.http_session import HttpSession, UpstreamResponse
-
-# The raw-body stream (transport errors mapped, `aclose()` drops the connection) is shared with
-# the OpenAI-compatible adapter rather than written twice.
-from setpoint.providers.openai_compatible import ResponseStream as RawStream
+from setpoint.providers.http_session import HttpSession
 from setpoint.types import Reply, UpstreamCall, UpstreamStream
 from setpoint.wire.sse import MalformedEventError, SSEFramer, event_data
 
@@ -559,34 +555,16 @@ class AnthropicProvider:
         payload = orjson.dumps(to_anthropic_request(call.body, self._cfg.default_max_tokens, stream=call.is_stream))
         created = int(self._clock.now())
         resp = await self._http.post(self._url, payload)
-        await self._raise_for_status(resp)
+        await resp.raise_for_status()
+        await resp.expect_content_type(stream=call.is_stream)
         if call.is_stream:
-            return Reply(status=200, stream=await self._stream(resp, created))
-        doc = await self._read_json(resp)
-        return Reply(status=200, body=orjson.dumps(to_openai_completion(self.name, doc, created)))
-
-    async def _raise_for_status(self, resp: UpstreamResponse) -> None:
-        if resp.status < 300:
-            return
+            return Reply(status=200, stream=_TranslatedStream(self.name, resp, StreamTranslator(self.name, created)))
         body = await resp.read()
-        await resp.aclose()
-        raise error_from_status(self.name, resp.status, resp.headers, body)
+        return Reply(status=200, body=orjson.dumps(to_openai_completion(self.name, _json(self.name, body), created)))
 
-    async def _stream(self, resp: UpstreamResponse, created: int) -> _TranslatedStream:
-        if resp.content_type != "text/event-stream":
-            await resp.aclose()
-            raise ProviderResponseError(
-                f"upstream {self.name} answered a stream request with content type {resp.content_type!r}"
-            )
-        return _TranslatedStream(self.name, RawStream(resp), StreamTranslator(self.name, created))
 
-    async def _read_json(self, resp: UpstreamResponse) -> Any:
-        body = await resp.read()
-        if resp.content_type != "application/json":
-            raise ProviderResponseError(
-                f"upstream {self.name} answered with content type {resp.content_type!r}, not JSON"
-            )
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise ProviderResponseError(f"upstream {self.name} sent a body that is not valid JSON") from None
+def _json(provider: str, body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ProviderResponseError(f"upstream {provider} sent a body that is not valid JSON") from None

@@ -19,7 +19,6 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
@@ -154,12 +153,6 @@ class _Conn(asyncio.Protocol):
             self._fail(ProtocolError("the connection closed inside the response head"))
         else:
             self._fail(ConnectError("the connection closed before a response"))
-
-    def pause_writing(self) -> None:  # request bodies are small and written at once
-        pass
-
-    def resume_writing(self) -> None:
-        pass
 
     # -- httptools callbacks ---------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -426,6 +419,3 @@ class HttpPool:
                     conn.transport.close()
         self._origins.clear()
         self._urls.clear()
-
-    def _debug_idle(self) -> dict[str, Any]:  # for tests
-        return {f"{o.host}:{o.port}": len(o.idle) for o in self._origins.values()}

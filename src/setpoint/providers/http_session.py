@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 from setpoint.config.schema import TimeoutsConfig
 from setpoint.errors import ProviderResponseError, ProviderTimeoutError, ProviderUnavailableError
+from setpoint.providers.base import error_from_status
 from setpoint.providers.http_pool import (
     BodyError,
     ConnectError,
@@ -38,7 +39,10 @@ def map_transport_errors(provider: str) -> Iterator[None]:
 
 
 class UpstreamResponse:
-    """One upstream answer: status and headers now, the body read whole or chunk by chunk."""
+    """One upstream answer: status and headers now, the body read whole or chunk by chunk.
+
+    It is also the adapters' `UpstreamStream` for a raw body: iterating yields chunks as they
+    arrive, and `aclose` before the body's end drops the connection (the upstream stops)."""
 
     __slots__ = ("_provider", "_resp", "content_type", "headers", "status")
 
@@ -49,6 +53,26 @@ class UpstreamResponse:
         self.headers: Mapping[str, str] = resp.headers  # lower-case names
         ctype = resp.headers.get("content-type") or ""
         self.content_type = ctype.split(";", 1)[0].strip().lower()
+
+    async def raise_for_status(self) -> None:
+        """For a non-2xx answer: read its body (which gives the connection back) and raise it,
+        mapped into the error tree."""
+        if self.status >= 300:
+            raise error_from_status(self._provider, self.status, self.headers, await self.read())
+
+    async def expect_content_type(self, *, stream: bool) -> None:
+        """SSE for a stream request, JSON otherwise; anything else closes the connection and raises."""
+        if self.content_type == ("text/event-stream" if stream else "application/json"):
+            return
+        await self.aclose()
+        if stream:
+            raise ProviderResponseError(
+                f"upstream {self._provider} answered a stream request with content type {self.content_type!r}")
+        raise ProviderResponseError(
+            f"upstream {self._provider} answered with content type {self.content_type!r}, not JSON")
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self.chunks()
 
     async def read(self) -> bytes:
         with map_transport_errors(self._provider):
