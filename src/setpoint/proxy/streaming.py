@@ -22,12 +22,10 @@ from setpoint.wire.sse import DONE, MalformedEventError, SSEFramer, event_data
 __all__ = ["StreamRelay"]
 
 _SEP = b"\n\n"
-_DONE_TAIL = b"data: [DONE]\n\n"
 
 
 class StreamRelay:
-    __slots__ = ("_clock", "_count", "_ctx", "_fast", "_framer", "_hide_usage", "_kept", "_provider", "is_done",
-                 "output_tokens")
+    __slots__ = ("_clock", "_count", "_ctx", "_framer", "_hide_usage", "_provider", "is_done", "output_tokens", "payloads")
 
     def __init__(self, ctx: RequestContext, clock: Clock) -> None:
         self._ctx = ctx
@@ -36,25 +34,9 @@ class StreamRelay:
         self._hide_usage = bool(ctx.annotations.get("usage_injected"))
         self._provider = ctx.deployment.provider.name if ctx.deployment else "upstream"
         self._count = ctx.stream_guard is not None  # count output as it arrives (budget holds)
-        # Whole chunks of plain `data: {...}` events can skip the event-by-event path when nothing
-        # needs every event: no usage to hide, no tokens to count, no content to keep.
-        self._fast = not self._hide_usage and not self._count and ctx.output_text is None
         self.is_done = False
         self.output_tokens = 0  # gateway-counted, only when a guard needs it
-        # What was relayed, unparsed (for usage fallback and the cache): single payloads (`{...}`)
-        # and, from the fast path, whole blocks of events (`data: {...}\n\n...`).
-        self._kept: list[bytes] = []
-
-    @property
-    def payloads(self) -> list[bytes]:
-        """The upstream's data payloads so far, in order."""
-        out: list[bytes] = []
-        for item in self._kept:
-            if item.startswith(b"data: "):
-                out.extend(event[6:] for event in item.split(_SEP) if event)
-            else:
-                out.append(item)
-        return out
+        self.payloads: list[bytes] = []  # kept (unparsed) in case the upstream never reports usage
 
     def generated_text(self) -> list[str]:
         """What the upstream generated so far (parsed only when usage is missing)."""
@@ -65,10 +47,6 @@ class StreamRelay:
         ctx = self._ctx
         if ctx.ttft_ms is None:
             ctx.ttft_ms = (self._clock.monotonic() - ctx.started_mono) * 1000
-        if self._fast and not self.is_done and not self._framer.pending:
-            out = self._feed_whole(chunk)
-            if out is not None:
-                return out
         kept: list[bytes] = []
         for event in self._framer.feed(chunk):
             if self.is_done:
@@ -76,7 +54,7 @@ class StreamRelay:
             if event.startswith(b"data: {") and b"\n" not in event:
                 # The common case: one single-line JSON payload. Parse only if accounting needs it.
                 data = event[6:]
-                self._kept.append(data)
+                self.payloads.append(data)
                 if self._count:
                     self.output_tokens += count_text(stream_delta_text(data))
                 if (
@@ -99,7 +77,7 @@ class StreamRelay:
                 continue
             if not data.startswith(b"{"):
                 raise ProviderResponseError(f"upstream {self._provider} sent a stream event that is not JSON")
-            self._kept.append(data)
+            self.payloads.append(data)
             if self._count:
                 self.output_tokens += count_text(stream_delta_text(data))
             if self._inspect(data):
@@ -107,41 +85,6 @@ class StreamRelay:
         if not kept:
             return b""
         return _SEP.join(kept) + _SEP
-
-    def _feed_whole(self, chunk: bytes) -> bytes | None:
-        """The fast path: a chunk made only of whole single-line `data: {...}` events (and perhaps a
-        final `data: [DONE]`) passes through as one slice; only the events that carry usage, a
-        finish reason or an error are parsed. None: not such a chunk, take the event path."""
-        if not chunk.endswith(_SEP) or b"\r" in chunk:
-            return None
-        done = chunk.endswith(_DONE_TAIL) and (len(chunk) == len(_DONE_TAIL) or chunk[-len(_DONE_TAIL) - 2:-len(_DONE_TAIL)] == _SEP)
-        body = chunk[: -len(_DONE_TAIL)] if done else chunk
-        n = body.count(_SEP)
-        if (
-            body.count(b"\n") != 2 * n
-            or body.count(b"\n\ndata: {") != max(0, n - 1)
-            or (n and not body.startswith(b"data: {"))
-        ):
-            return None  # multi-line events, comments, other fields, non-JSON payloads, or [DONE] inside
-        if n:
-            spans: dict[int, int] = {}  # start -> end of each event to parse, once each
-            for marker in (b'"finish_reason":"', b'"usage"', b'data: {"error"'):
-                pos = body.find(marker)
-                while pos != -1:
-                    sep = body.rfind(_SEP, 0, pos)
-                    end = body.find(_SEP, pos)
-                    spans[0 if sep < 0 else sep + 2] = end
-                    pos = body.find(marker, end)
-            for start in sorted(spans):  # in stream order, as the event path would
-                try:
-                    self._inspect(body[start + 6:spans[start]])  # never hides: no usage to hide on this path
-                except ProviderResponseError:
-                    self._kept.append(body[: spans[start] + 2])  # kept up to the failing event, as the event path
-                    raise
-            self._kept.append(body)
-        if done:
-            self.is_done = True
-        return body
 
     def _inspect(self, data: bytes) -> bool:
         """Account for one data payload; False when the event is hidden from the client."""
