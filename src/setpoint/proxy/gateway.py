@@ -102,11 +102,12 @@ def build_app(gw: Gateway) -> web.Application:
     r.add_get("/admin/usage", admin.usage)
 
     async def health(request: web.Request) -> web.Response:
-        log = gw.request_log
+        request_log = gw.request_log
         # Serving continues while the log store is down (records wait in the spool): still "ok".
         # Unauthenticated, so no error text (it could name the database host); see the gateway log.
-        return web.json_response({"status": "ok", "spool_pending_bytes": log.pending_bytes,
-                                  "log_store_ok": log.last_error is None, "log_lag_s": round(log.lag_s, 3)})
+        return web.json_response({"status": "ok", "spool_pending_bytes": request_log.pending_bytes,
+                                  "log_store_ok": request_log.last_error is None,
+                                  "log_lag_s": round(request_log.lag_s, 3)})
 
     r.add_get("/health", health)
     if gw.metrics is not None:
