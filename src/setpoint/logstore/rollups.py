@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from operator import add
 from typing import Any
 
-from setpoint.logstore.sql_schema import DIMS, MEASURES, RECORD_COLUMNS, ROLLUP, ROLLUP_LATENCY, Table
+from setpoint.logstore.sql_schema import DIMS, RECORD_COLUMNS, ROLLUP, ROLLUP_LATENCY, Table
 
 __all__ = [
     "ALPHA", "DAY", "DIMS", "GRAINS", "LEVELS", "METRICS", "MIN_MS", "Deltas", "Level", "bin_of", "bin_value",
