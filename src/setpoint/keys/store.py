@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from setpoint.keys.model import KeyInfo, hash_key, new_key_secret
+from setpoint.sqlite_open import open_sqlite
 
 __all__ = ["SqliteKeyStore"]
 
@@ -53,10 +54,8 @@ class SqliteKeyStore:
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self._path, timeout=30, isolation_level=None, check_same_thread=True)
+            conn = open_sqlite(self._path, synchronous="FULL", check_same_thread=True)  # a created key is kept
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA busy_timeout=30000")
             self._local.conn = conn
         return conn
 

@@ -23,6 +23,7 @@ from setpoint.logstore.sql_schema import (
     ADDED_COLUMNS, OLD_INDEXES, RECORD_COLUMNS, REQUESTS, SCHEMA_VERSION, Table,
 )
 from setpoint.logstore.sql_store import Clock, SqlLogStore
+from setpoint.sqlite_open import open_sqlite
 
 __all__ = ["RECORD_COLUMNS", "SqliteLogStore"]
 
@@ -32,6 +33,14 @@ log = logging.getLogger("setpoint.logstore")
 # cached by the sqlite3 module.
 _ROWS_PER_STATEMENT = 256
 _BACKFILL_ROWS = 20_000
+
+# The sqlite3 module binds int, float and str as they are, but sends every other value, None
+# included, through its adapter lookup; a miss there formats two AttributeErrors (`__adapt__`,
+# `__conform__`) before binding NULL. A record has about ten NULL columns, so this was 15k
+# instructions per record on the drainer thread (callgrind), holding the GIL. An identity adapter
+# for None makes the lookup a hit: 3.0 -> 1.3 µs per 10-column row with six NULLs. It binds exactly
+# what it did before (NULL); the registry is the module's, so this applies process-wide.
+sqlite3.register_adapter(type(None), lambda value: value)
 
 
 @lru_cache(maxsize=256)
@@ -51,11 +60,8 @@ class SqliteLogStore(SqlLogStore):
         super().__init__(retention_days=retention_days, clock=clock)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._conn = open_sqlite(path, synchronous="NORMAL")
         try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("PRAGMA busy_timeout=30000")
             self._migrate()
         except BaseException:
             self._conn.close()

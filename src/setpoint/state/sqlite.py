@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from setpoint.errors import StateBackendError
+from setpoint.sqlite_open import open_sqlite
 from setpoint.state.base import BucketCharge, LedgerLine, ReserveResult, TakeResult
 
 __all__ = ["SqliteStateStore"]
@@ -49,10 +50,7 @@ class SqliteStateStore:
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self._path, timeout=30, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")  # a settled charge is durable when settle returns
-            conn.execute("PRAGMA busy_timeout=30000")
+            conn = open_sqlite(self._path, synchronous="FULL")  # a settled charge is durable when settle returns
             self._local.conn = conn
             with self._conns_lock:
                 self._conns.append(conn)
