@@ -22,6 +22,9 @@ from setpoint.wire.sse import DONE, MalformedEventError, SSEFramer, event_data
 __all__ = ["StreamRelay"]
 
 _SEP = b"\n\n"
+# On the per-event path, `x.find(sub) < 0` rather than `sub not in x`: on CPython 3.11, `bytes in bytes`
+# first tries the needle as an integer and formats (then drops) a TypeError: about 1,900 instructions
+# a test, measured with callgrind (16 tests per streamed request, 3% of its whole cost).
 
 
 class StreamRelay:
@@ -51,7 +54,7 @@ class StreamRelay:
         for event in self._framer.feed(chunk):
             if self.is_done:
                 continue  # nothing may follow [DONE]
-            if event.startswith(b"data: {") and b"\n" not in event:
+            if event.startswith(b"data: {") and event.find(b"\n") < 0:
                 # The common case: one single-line JSON payload. Parse only if accounting needs it.
                 data = event[6:]
                 self.payloads.append(data)
@@ -59,8 +62,8 @@ class StreamRelay:
                     self.output_tokens += count_text(stream_delta_text(data))
                 if (
                     self._ctx.output_text is None
-                    and b'"usage"' not in data
-                    and b'"finish_reason":"' not in data
+                    and data.find(b'"usage"') < 0
+                    and data.find(b'"finish_reason":"') < 0
                     and not data.startswith(b'{"error"')
                 ) or self._inspect(data):
                     kept.append(event)

@@ -30,7 +30,7 @@ class SSEFramer:
             chunk = chunk[1:]
         self._after_cr = False
         buf = self._tail + chunk if self._tail else chunk
-        if b"\r" in buf:
+        if buf.find(b"\r") >= 0:  # not `in`: see proxy/streaming.py
             self._after_cr = buf.endswith(b"\r")
             buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         parts = buf.split(b"\n\n")
@@ -47,7 +47,7 @@ def event_data(event: bytes) -> bytes | None:
     """The joined `data:` payload of one event, or None for comment/metadata-only events.
 
     Raises `MalformedEventError` for a line that is not an SSE field."""
-    if event.startswith(b"data: ") and b"\n" not in event:
+    if event.startswith(b"data: ") and event.find(b"\n") < 0:
         return event[6:]
     data: list[bytes] = []
     for line in event.split(b"\n"):
