@@ -35,6 +35,7 @@ __all__ = [
     "BudgetExceededError",
     "CircuitOpenError",
     "ConfigError",
+    "HeadersTooLargeError",
     "InternalError",
     "InvalidRequestError",
     "MethodNotAllowedError",
@@ -121,6 +122,11 @@ class InvalidRequestError(RequestError):
 class PayloadTooLargeError(RequestError):
     status_code = 413
     code = "payload_too_large"
+
+
+class HeadersTooLargeError(RequestError):
+    status_code = 431
+    code = "request_headers_too_large"
 
 
 class AuthenticationError(RequestError):

@@ -22,6 +22,7 @@ from setpoint.errors import (
     ModelNotFoundError,
     NotFoundError,
     PayloadTooLargeError,
+    HeadersTooLargeError,
     PermissionDeniedError,
     ProviderRateLimitedError,
     ProviderRejectedError,
@@ -41,6 +42,7 @@ ALL_CLASSES = [getattr(errors_mod, name) for name in errors_mod.__all__]
 CONTRACT = [
     (InvalidRequestError, 400, "invalid_request", "invalid_request_error", RequestError, False),
     (PayloadTooLargeError, 413, "payload_too_large", "invalid_request_error", RequestError, False),
+    (HeadersTooLargeError, 431, "request_headers_too_large", "invalid_request_error", RequestError, False),
     (AuthenticationError, 401, "invalid_api_key", "authentication_error", RequestError, False),
     (PermissionDeniedError, 403, "permission_denied", "permission_error", RequestError, False),
     (NotFoundError, 404, "not_found", "invalid_request_error", RequestError, False),

@@ -306,6 +306,10 @@ class ServerConfig(_Strict):
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64)
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    edge: bool = Field(
+        True, description="serve the API endpoints with setpoint's own HTTP/1.1 edge (false: aiohttp serves everything)"
+    )
+    keepalive_timeout_s: float = Field(75.0, gt=0, description="close a kept-alive client connection idle this long")
     auth_cache_ttl_s: float = Field(
         5.0, ge=0, description="how long a key lookup is cached; bounds revocation delay across workers"
     )

@@ -11,7 +11,8 @@ from aiohttp import web
 
 from setpoint.errors import AuthenticationError, InvalidRequestError, NotFoundError, PermissionDeniedError, SetpointError
 from setpoint.logstore.usage import parse_day, usage_report
-from setpoint.proxy.routes import error_response, read_body
+from setpoint.proxy.exchange import read_body
+from setpoint.proxy.routes import error_response
 from setpoint.wire.request import parse_json_object
 
 if TYPE_CHECKING:

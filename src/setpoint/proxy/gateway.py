@@ -48,6 +48,7 @@ class Gateway:
         self.stages: dict[str, Stage] = {}  # the policy stages in use, by name (for metrics and the dashboard)
         self.pipelines = build_pipelines(self.auth_stage, runtime, self.resilience,
                                          on_stage=lambda st: self.stages.__setitem__(st.name, st))
+        self.api = ApiHandlers(self, self.pipelines)  # served by the edge, and by aiohttp
 
     async def start(self) -> None:
         self.request_log.start()
@@ -88,7 +89,7 @@ async def _logged(what: str, step: Awaitable[None]) -> None:
 def build_app(gw: Gateway) -> web.Application:
     max_body = gw.runtime.config.server.max_body_bytes
     app = web.Application(client_max_size=max_body)
-    api = ApiHandlers(gw, gw.pipelines)
+    api = gw.api
     admin = AdminHandlers(gw)
     r = app.router
     for prefix in ("/v1", ""):

@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING
 
 import orjson
@@ -16,11 +16,11 @@ from setpoint.accounting.usage_fallback import fill_missing_usage, unary_output_
 from setpoint.errors import (
     InternalError,
     ModelNotFoundError,
-    PayloadTooLargeError,
     ProviderResponseError,
     SetpointError,
 )
 from setpoint.proxy.context import RequestContext
+from setpoint.proxy.exchange import AiohttpExchange, Exchange
 from setpoint.proxy.streaming import StreamRelay
 from setpoint.types import Next, Reply, Usage
 from setpoint.wire.error_body import error_body, error_event
@@ -28,7 +28,7 @@ from setpoint.wire.error_body import error_body, error_event
 if TYPE_CHECKING:
     from setpoint.proxy.gateway import Gateway
 
-__all__ = ["ApiHandlers", "error_response", "read_body"]
+__all__ = ["ApiHandlers", "error_answer", "error_response"]
 
 log = logging.getLogger("setpoint.proxy")
 
@@ -37,29 +37,17 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 _DONE_EVENT = b"data: [DONE]\n\n"
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, or `PayloadTooLargeError` (413) past `limit` bytes, with or without a length."""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise PayloadTooLargeError(f"request body is {length} bytes; the limit is {limit}")
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes") from None
-
-
 def error_response(err: SetpointError, request_id: str | None = None) -> web.Response:
-    headers = err.headers()
+    status, headers, body = error_answer(err, request_id)
+    return web.Response(status=status, body=body, headers=headers)
+
+
+def error_answer(err: SetpointError, request_id: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and OpenAI-shaped body of an error answer."""
+    headers = {"Content-Type": _JSON, **err.headers()}
     if request_id:
         headers["x-request-id"] = request_id
-    return web.Response(status=err.status, body=error_body(err), content_type=_JSON, headers=headers)
-
-
-class _SSEResponse(web.StreamResponse):
-    """A stream whose headers leave with its first event: one write and one packet instead of two.
-    (aiohttp's own flag; on a version without it, headers are sent on their own as before.)"""
-
-    _send_headers_immediately = False
+    return err.status, headers, error_body(err)
 
 
 class _RequestIds:
@@ -120,36 +108,56 @@ class ApiHandlers:
             ctx.trace.finish(ctx)
         self._gw.request_log.append(ctx, latency_ms)
 
+    # -- through aiohttp (connections the edge handed on, or the edge switched off) -----------------
+
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, "chat")
+        return await self._via_aiohttp(request, "chat")
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, "embeddings")
+        return await self._via_aiohttp(request, "embeddings")
 
-    async def _handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+    async def _via_aiohttp(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        ex = AiohttpExchange(request)
+        await self.serve(ex, endpoint)
+        assert ex.response is not None
+        return ex.response
+
+    async def models(self, request: web.Request) -> web.Response:
+        status, headers, body = await self.list_models(request.headers)
+        return web.Response(status=status, body=body, headers=headers)
+
+    async def model(self, request: web.Request) -> web.Response:
+        status, headers, body = await self.describe_model(request.headers, request.match_info["model"])
+        return web.Response(status=status, body=body, headers=headers)
+
+    # -- whatever the server ---------------------------------------------------------------------
+
+    async def serve(self, ex: Exchange, endpoint: str) -> None:
+        """Answer one request for `endpoint` ("chat" or "embeddings") through `ex`."""
         clock = self._clock
         now = clock.now()
         ctx = RequestContext(
             request_id=self._new_id(now), endpoint=endpoint, started_at=now,
-            started_mono=clock.monotonic(), headers=request.headers, raw=b"",
+            started_mono=clock.monotonic(), headers=ex.headers, raw=b"",
         )
         if self._store_content:
             ctx.output_text = []
         if self._tracer is not None:
             ctx.trace = self._tracer.start(ctx)
         try:
-            ctx.raw = await read_body(request, self._max_body)
+            ctx.raw = await ex.read_body(self._max_body)
             reply = await self._pipelines[endpoint](ctx)
             if reply.stream is not None:
-                return await self._stream(request, ctx, reply)
+                return await self._stream(ex, ctx, reply)
             ctx.status = reply.status
             await self._complete(ctx, lambda: unary_output_text(reply.body))
-            return web.Response(
-                status=reply.status, body=reply.body, content_type=_JSON,
-                headers={"x-request-id": ctx.request_id, **ctx.response_headers, **reply.headers},
+            await ex.respond(
+                reply.status,
+                {"Content-Type": _JSON, "x-request-id": ctx.request_id, **ctx.response_headers, **reply.headers},
+                reply.body,
             )
         except SetpointError as err:
-            return await self._fail(ctx, err)
+            await self._fail(ex, ctx, err)
         except asyncio.CancelledError:
             if not ctx.is_recorded:
                 ctx.status, ctx.error_code = 499, "client_disconnected"
@@ -157,21 +165,21 @@ class ApiHandlers:
             raise
         except Exception:  # the outermost boundary: log it, answer 500 without internals
             log.exception("unhandled error in request %s", ctx.request_id)
-            return await self._fail(ctx, InternalError("internal error; see the gateway log for request " + ctx.request_id))
+            await self._fail(ex, ctx, InternalError("internal error; see the gateway log for request " + ctx.request_id))
 
-    async def _fail(self, ctx: RequestContext, err: SetpointError, relay: StreamRelay | None = None) -> web.Response:
+    async def _fail(self, ex: Exchange, ctx: RequestContext, err: SetpointError, relay: StreamRelay | None = None) -> None:
         """A JSON error answer (for a stream: one that failed before its first byte reached the client)."""
         if relay is None:
             ctx.status, ctx.error_code = err.status, err.wire_code
             await self._complete(ctx)
         else:
             await self._complete_stream(ctx, relay, err.status, err.wire_code)
-        resp = error_response(err, ctx.request_id)
-        resp.headers.update(ctx.response_headers)
-        resp.headers.update(err.headers())  # the error's own Retry-After wins
-        return resp
+        status, headers, body = error_answer(err, ctx.request_id)
+        headers.update(ctx.response_headers)
+        headers.update(err.headers())  # the error's own Retry-After wins
+        await ex.respond(status, headers, body)
 
-    async def _stream(self, request: web.Request, ctx: RequestContext, reply: Reply) -> web.StreamResponse:
+    async def _stream(self, ex: Exchange, ctx: RequestContext, reply: Reply) -> None:
         assert reply.stream is not None
         upstream = reply.stream
         relay = StreamRelay(ctx, self._clock)
@@ -184,34 +192,31 @@ class ApiHandlers:
                 await guard.on_output(ctx, relay.output_tokens)
         except StopAsyncIteration:
             await upstream.aclose()
-            return await self._fail(ctx, _empty_stream_error(ctx))
+            return await self._fail(ex, ctx, _empty_stream_error(ctx))
         except SetpointError as err:
             await upstream.aclose()
-            return await self._fail(ctx, err, relay)
+            return await self._fail(ex, ctx, err, relay)
         except BaseException:
             await upstream.aclose()
             raise
         ctx.overhead_ms = max(0.0, (self._clock.monotonic() - ctx.started_mono - ctx.upstream_wait_s) * 1000)
         if self._overhead_header:
             ctx.response_headers["x-setpoint-overhead-ms"] = f"{ctx.overhead_ms:.3f}"
-        resp = _SSEResponse(
-            status=200, headers={**_SSE_HEADERS, "x-request-id": ctx.request_id, **ctx.response_headers}
-        )
         failure: SetpointError | None = None
         client_gone = False
         pending = b""  # events held for the last write
         try:
-            await resp.prepare(request)
+            await ex.start_stream(200, {**_SSE_HEADERS, "x-request-id": ctx.request_id, **ctx.response_headers})
             if relay.is_done:
                 pending = first  # the whole stream came in the first read: it leaves with [DONE], in one write
             elif first:
-                await resp.write(first)
+                await ex.write(first)
             async for chunk in chunks:
                 out = relay.feed(chunk)
                 if guard is not None:
                     await guard.on_output(ctx, relay.output_tokens)  # may cut the stream here
                 if out:
-                    await resp.write(out)
+                    await ex.write(out)
             relay.finish()
         except SetpointError as err:
             failure = err
@@ -226,14 +231,13 @@ class ApiHandlers:
         if client_gone:
             # Billed for what was generated (counted if the upstream never sent usage).
             await self._complete_stream(ctx, relay, 499, "client_disconnected")
-            return resp
+            return
         if failure is not None:
             await self._complete_stream(ctx, relay, failure.status, failure.wire_code)
-            await _write_quietly(resp, pending + error_event(failure))  # an explicit error, never a clean [DONE]
+            await ex.end(pending + error_event(failure))  # an explicit error, never a clean [DONE]
         else:
             await self._complete_stream(ctx, relay, 200, None)
-            await _write_quietly(resp, pending + _DONE_EVENT)
-        return resp
+            await ex.end(pending + _DONE_EVENT)
 
     async def _complete_stream(self, ctx: RequestContext, relay: StreamRelay, status: int, code: str | None) -> None:
         ctx.status, ctx.error_code = status, code
@@ -242,38 +246,29 @@ class ApiHandlers:
             ctx.upstream_ms = (self._clock.monotonic() - ctx.upstream_started) * 1000
         await self._complete(ctx, relay.generated_text)
 
-    async def models(self, request: web.Request) -> web.Response:
+    async def list_models(self, headers: Mapping[str, str]) -> tuple[int, dict[str, str], bytes]:
         try:
-            key = await self._gw.auth_stage.authenticate(request.headers)
+            key = await self._gw.auth_stage.authenticate(headers)
         except SetpointError as err:
-            return error_response(err)
+            return error_answer(err)
         data = [
             {"id": alias, "object": "model", "created": 0, "owned_by": "setpoint"}
             for alias in self._gw.runtime.routes
             if key.allows(alias)
         ]
-        return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type=_JSON)
+        return 200, {"Content-Type": _JSON}, orjson.dumps({"object": "list", "data": data})
 
-    async def model(self, request: web.Request) -> web.Response:
+    async def describe_model(self, headers: Mapping[str, str], alias: str) -> tuple[int, dict[str, str], bytes]:
         try:
-            key = await self._gw.auth_stage.authenticate(request.headers)
-            alias = request.match_info["model"]
+            key = await self._gw.auth_stage.authenticate(headers)
             if alias not in self._gw.runtime.routes or not key.allows(alias):
                 raise ModelNotFoundError(f"model '{alias}' does not exist", param="model")
         except SetpointError as err:
-            return error_response(err)
+            return error_answer(err)
         body = {"id": alias, "object": "model", "created": 0, "owned_by": "setpoint"}
-        return web.Response(body=orjson.dumps(body), content_type=_JSON)
+        return 200, {"Content-Type": _JSON}, orjson.dumps(body)
 
 
 def _empty_stream_error(ctx: RequestContext) -> SetpointError:
     name = ctx.deployment.provider.name if ctx.deployment else "upstream"
     return ProviderResponseError(f"upstream {name} ended the stream without sending anything")
-
-
-async def _write_quietly(resp: web.StreamResponse, data: bytes) -> None:
-    """The last event and the end of the chunked body in one socket write."""
-    try:
-        await resp.write_eof(data)
-    except ConnectionResetError:
-        pass

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,11 +17,14 @@ from aiohttp import web
 
 from setpoint.config.compile import Runtime, compile_config
 from setpoint.config.load import load_config
+from setpoint.proxy.edge import EdgeServer
 from setpoint.proxy.gateway import Gateway, build_app
 
 __all__ = ["RunningServer", "run_server", "start_server"]
 
 log = logging.getLogger("setpoint.server")
+
+_SHUTDOWN_TIMEOUT_S = 10.0
 
 
 def _event_loop_policy() -> None:
@@ -34,24 +38,42 @@ def _event_loop_policy() -> None:
 class RunningServer:
     """A started gateway inside the current event loop (used by `serve`, `demo` and tests)."""
 
-    def __init__(self, gateway: Gateway, runner: web.AppRunner, port: int) -> None:
+    def __init__(self, gateway: Gateway, runner: web.AppRunner, port: int, edge: EdgeServer | None = None) -> None:
         self.gateway = gateway
         self.runner = runner
         self.port = port
+        self.edge = edge
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
     async def stop(self) -> None:
-        await self.runner.cleanup()
+        if self.edge is not None:
+            await self.edge.stop(_SHUTDOWN_TIMEOUT_S)  # answers under way finish first
+        await self.runner.cleanup()  # connections handed to aiohttp, then the gateway itself
 
 
 async def start_server(runtime: Runtime, host: str, port: int, *, reuse_port: bool = False) -> RunningServer:
     gw = Gateway(runtime)
     app = build_app(gw)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=_SHUTDOWN_TIMEOUT_S,
+        keepalive_timeout=runtime.config.server.keepalive_timeout_s,
+    )
     await runner.setup()
+    server_cfg = runtime.config.server
+    if server_cfg.edge:
+        assert runner.server is not None
+        edge = EdgeServer(
+            gw.api, runner.server, max_body=server_cfg.max_body_bytes, keepalive_timeout_s=server_cfg.keepalive_timeout_s
+        )
+        try:
+            bound = await edge.start(host, port, reuse_port=reuse_port)
+        except BaseException:
+            await runner.cleanup()
+            raise
+        return RunningServer(gw, runner, bound, edge)
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=4096)
     await site.start()
     bound = port
@@ -92,6 +114,16 @@ def _worker_main(config_path: str, host: str, port: int) -> None:
     asyncio.run(_serve_forever(runtime, host, port, True, None))
 
 
+def _start_method() -> str:
+    """"fork" where it is safe (POSIX, and this process runs no other thread yet): the workers
+    inherit the imported modules instead of importing them again (about 0.6 s each, on two cores at
+    once); "spawn" otherwise. Each worker builds its own runtime from the config file either way:
+    nothing the supervisor opened is used by a worker."""
+    if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
+        return "fork"
+    return "spawn"
+
+
 def _free_reuse_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -112,7 +144,7 @@ def run_server(
         raise ValueError("--workers > 1 needs a config file")
     if port == 0:
         port = _free_reuse_port(host)
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context(_start_method())
     procs = [ctx.Process(target=_worker_main, args=(config_path, host, port), name=f"setpoint-worker-{i}") for i in range(workers)]
     for p in procs:
         p.start()
