@@ -7,6 +7,7 @@ tree; then prints a markdown table. Auth and request logging are on for setpoint
 key; records go through the spool into SQLite).
 
 usage: bench/run_bench.py [--secs 10] [--systems setpoint-w1,setpoint-w2,pyfloor,tensorzero]
+       systems also: setpoint-w3 (3 workers)
        systems also: setpoint-w1-limits (rate limits + budgets, memory state),
                      setpoint-w1-limits-redis, setpoint-w2-limits-redis (state in a local redis-server)
                           [--modes json,stream,delay] [--conns "1 16 64"] [--delay-conns 256]
@@ -33,7 +34,7 @@ HARNESS = HERE / "harness"
 BENCH_DIR = Path(os.environ.get("SETPOINT_BENCH_DIR", "/tmp/setpoint-bench"))
 KEY = "sk-bench-0123456789abcdef"
 PORTS = {"setpoint-w1": 18200, "setpoint-w2": 18201, "setpoint-w1-limits": 18202, "setpoint-w1-limits-redis": 18203,
-         "setpoint-w2-limits-redis": 18204, "pyfloor": 18100}
+         "setpoint-w2-limits-redis": 18204, "setpoint-w3": 18205, "pyfloor": 18100}
 REDIS_PORT = 18379
 # Limits and budgets on, sized so they never refuse during a run: every request still pays for the
 # atomic take/reserve and the settle.
@@ -208,7 +209,7 @@ def main() -> None:
             procs["redis"] = start_redis()
         for s in systems:
             if s.startswith("setpoint"):
-                procs[s], startup[s] = start_setpoint(s, 2 if s.startswith("setpoint-w2") else 1)
+                procs[s], startup[s] = start_setpoint(s, int(s.split("-")[1][1:]))
                 urls[s] = f"http://127.0.0.1:{PORTS[s]}/v1/chat/completions"
                 envs[s] = {"AUTH": KEY}
             elif s == "pyfloor":
