@@ -376,7 +376,7 @@ def test_deployments_show_breaker_and_concurrency_state(seeded_gateway, ui, log_
     assert large["breaker"]["retry_after_s"] > 0
     assert d["deployments"][0]["name"] == "sim/sim-large"  # open breakers first
     assert by_name["sim/sim-small"]["breaker"]["state"] == "closed"
-    assert by_name["sim/sim-small"]["concurrency"] == {"limit": 64, "inflight": 0, "queued": 0, "queue_max": 256, "shed": 0}
+    assert by_name["sim/sim-small"]["concurrency"] == {"limit": 1024, "inflight": 0, "queued": 0, "queue_max": 256, "shed": 0}
     last_hour = [r for r in log_records if r["ts"] >= time.time() - 3600]
     for name, dep in by_name.items():  # the last hour's traffic, from the log
         rows = [r for r in last_hour if r["deployment"] == name]

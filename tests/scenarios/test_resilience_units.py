@@ -203,6 +203,27 @@ async def test_limiter_aimd() -> None:
     assert lim.inflight == 0
 
 
+async def test_limiter_starts_open_and_comes_down_only_on_pushback() -> None:
+    """With no `initial`, a cold limiter holds nothing back: a burst of 600 concurrent calls all
+    start at once (none queued), and only 429s bring the limit down from max_limit."""
+    lim = AdaptiveLimiter("d", LimiterConfigValues(max_limit=1024, queue=4), ManualClock())  # type: ignore[arg-type]
+    assert lim.limit == 1024
+    waits = [asyncio.ensure_future(lim.acquire("default")) for _ in range(600)]
+    await settle()
+    assert all(w.done() and w.exception() is None for w in waits)
+    assert (lim.inflight, lim.queued, lim.shed) == (600, 0, 0)
+    for _ in range(600):
+        lim.release(ok=True)
+    assert lim.limit == 1024  # successes never raise it past max_limit
+    for _ in range(20):
+        await lim.acquire("default")
+        lim.release(rate_limited=True)
+    assert lim.limit == pytest.approx(1024 * 0.9**20)
+    # An explicit `initial` still binds, and is never above max_limit.
+    assert limiter(ManualClock(), initial=3).limit == 3
+    assert limiter(ManualClock(), initial=50, max_limit=8).limit == 8
+
+
 async def test_limiter_grants_by_priority_then_arrival() -> None:
     clock = ManualClock()
     lim = limiter(clock, initial=1, max_limit=1, queue=8)

@@ -213,7 +213,11 @@ class BreakerConfig(_Strict):
 
 
 class ConcurrencyConfig(_Strict):
-    initial: int = Field(64, ge=1)
+    initial: int | None = Field(
+        None, ge=1,
+        description="the limit before the upstream has signalled anything; default max_limit: nothing waits "
+        "until a 429 or a slow first token says the deployment is saturated",
+    )
     min_limit: int = Field(1, ge=1)
     max_limit: int = Field(1024, ge=1)
     queue: int = Field(256, ge=0, description="requests waiting per deployment")

@@ -17,6 +17,7 @@ from typing import Any
 from setpoint.config.schema import BudgetConfig
 from setpoint.errors import StateBackendError
 from setpoint.logstore.reader import Dimension, LatencyPoint, LogReader, RequestFilter, SeriesPoint, Totals
+from setpoint.policy.resilience.limiter import starting_limit
 from setpoint.policy.stages.budget import budget_line
 from setpoint.state.base import LedgerStore
 
@@ -333,7 +334,7 @@ def deployments_data(gw: Any, traffic: Mapping[str, Totals]) -> dict[str, Any]:
             "name": name, "provider": d.provider.name, "upstream_model": d.upstream_model, "aliases": aliases[name],
             "breaker": breaker,
             "concurrency": {
-                "limit": int(lim.limit) if lim is not None else res.cfg.concurrency.initial,
+                "limit": int(lim.limit) if lim is not None else starting_limit(res.cfg.concurrency.initial, res.cfg.concurrency.max_limit),
                 "inflight": lim.inflight if lim is not None else 0,
                 "queued": lim.queued if lim is not None else 0,
                 "queue_max": res.cfg.concurrency.queue,
