@@ -371,8 +371,12 @@ async def _garbage(request: web.Request) -> web.StreamResponse:
         return await _sse(request)
     if mode == "jsonforstream":
         return web.Response(body=orjson.dumps(_COMPLETION), content_type="application/json")
+    if mode == "huge":  # valid JSON, over the provider's max_response_bytes (4096 here)
+        return web.Response(body=orjson.dumps({**_COMPLETION, "pad": "x" * 100_000}), content_type="application/json")
     if mode == "ratelimit":
         return _err(429, "slow down", "rate_limit_exceeded", headers={"Retry-After": "7"})
+    if mode == "hugeratelimit":  # an error body far over the 64 KiB read of error bodies
+        return _err(429, "slow down" + " " * 2_000_000, "rate_limit_exceeded", headers={"Retry-After": "7"})
     if mode == "unavailable":
         return _err(503, "overloaded")
     if mode == "servererror":
@@ -390,7 +394,7 @@ async def _garbage(request: web.Request) -> web.StreamResponse:
 
 
 GARBAGE_MODES = ("nonjson", "array", "html", "truncated", "nodone", "cut", "errevent", "notjsonevent", "badfirst",
-                 "emptysse", "jsonforstream", "ratelimit", "unavailable", "servererror", "badkey", "forbidden",
+                 "emptysse", "jsonforstream", "huge", "ratelimit", "hugeratelimit", "unavailable", "servererror", "badkey", "forbidden",
                  "rejected", "stall")
 
 
@@ -414,6 +418,8 @@ def garbage_gw(serve_app, make_gateway, default_config, free_port, gate):
             "type": "openai_compatible", "base_url": f"{upstream.url}/{mode}/v1", "api_key": UPSTREAM_KEY,
             "timeouts": {"connect_s": 2, "read_s": 0.3 if mode == "stall" else 5},
         }
+        if mode == "huge":
+            cfg["providers"][f"up-{mode}"]["max_response_bytes"] = 4096
         cfg["models"][f"m-{mode}"] = {"deployments": [{"provider": f"up-{mode}", "model": "m"}]}
     cfg["providers"]["up-down"] = {"type": "openai_compatible", "base_url": f"http://127.0.0.1:{free_port()}/v1"}
     cfg["models"]["m-down"] = {"deployments": [{"provider": "up-down", "model": "m"}]}
@@ -428,6 +434,7 @@ def garbage_gw(serve_app, make_gateway, default_config, free_port, gate):
         ("html", False, 502, "bad_upstream_response"),
         ("truncated", False, 502, "bad_upstream_response"),
         ("jsonforstream", True, 502, "bad_upstream_response"),
+        ("huge", False, 502, "bad_upstream_response"),
         ("badfirst", True, 502, "bad_upstream_response"),
         ("emptysse", True, 502, "bad_upstream_response"),
         ("unavailable", False, 503, "upstream_unavailable"),
@@ -467,6 +474,22 @@ def test_upstream_429_keeps_retry_after(garbage_gw, make_client, keys, gateway_r
         assert info.value.response.headers.get("retry-after") == "7"
         assert info.value.code == "upstream_rate_limited"
     assert [r["status"] for r in gateway_rows(garbage_gw)] == [429, 429]
+
+
+def test_upstream_answer_over_max_response_bytes_is_a_502_naming_the_limit(garbage_gw, make_client, keys) -> None:
+    client = make_client(garbage_gw.base_url, keys.all)
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="m-huge", messages=MESSAGES)
+    assert info.value.status_code == 502
+    assert "upstream up-huge sent a body of" in info.value.message and "(the limit is 4096)" in info.value.message
+
+
+def test_upstream_error_with_a_huge_body_keeps_its_status(garbage_gw, make_client, keys, gateway_rows) -> None:
+    client = make_client(garbage_gw.base_url, keys.all)
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model="m-hugeratelimit", messages=MESSAGES)
+    assert info.value.response.headers.get("retry-after") == "7"
+    assert [r["status"] for r in gateway_rows(garbage_gw)] == [429]
 
 
 def test_upstream_503_is_503(garbage_gw, make_client, keys) -> None:

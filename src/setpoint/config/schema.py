@@ -20,6 +20,7 @@ __all__ = [
     "EstimateConfig",
     "DeploymentConfig",
     "FaultsConfig",
+    "HttpUpstreamConfig",
     "KeyConfig",
     "LatencyConfig",
     "LoggingConfig",
@@ -52,15 +53,25 @@ class TimeoutsConfig(_Strict):
     read_s: float = Field(600.0, gt=0, description="total time for one upstream call")
 
 
-class OpenAICompatibleProviderConfig(_Strict):
+class HttpUpstreamConfig(_Strict):
+    """What every HTTP provider has: its timeouts, its connection pool and a bound on what it may send."""
+
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    max_connections: int = Field(1024, ge=1)
+    max_response_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024,
+        description="a longer non-streamed answer is a 502 (streams are relayed, not held); "
+        "the default holds a full float-JSON embeddings batch",
+    )
+
+
+class OpenAICompatibleProviderConfig(HttpUpstreamConfig):
     """Any upstream that speaks OpenAI's HTTP API: OpenAI, vLLM, llama.cpp, Ollama, Groq, Together."""
 
     type: Literal["openai_compatible"]
     base_url: str
     api_key: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
-    timeouts: TimeoutsConfig = TimeoutsConfig()
-    max_connections: int = Field(1024, ge=1)
     supports_stream_usage: bool = Field(
         True, description="upstream honours stream_options.include_usage (set false for old servers)"
     )
@@ -73,15 +84,13 @@ class OpenAICompatibleProviderConfig(_Strict):
         return v.rstrip("/")
 
 
-class AnthropicProviderConfig(_Strict):
+class AnthropicProviderConfig(HttpUpstreamConfig):
     """Anthropic's Messages API (`POST {base_url}/v1/messages`), translated to and from OpenAI's chat format."""
 
     type: Literal["anthropic"]
     base_url: str = "https://api.anthropic.com"
     api_key: str | None = Field(None, description="sent as x-api-key")
     headers: dict[str, str] = Field(default_factory=dict, description="e.g. anthropic-beta; may override anthropic-version")
-    timeouts: TimeoutsConfig = TimeoutsConfig()
-    max_connections: int = Field(1024, ge=1)
     default_max_tokens: int = Field(
         4096, ge=1, description="max_tokens sent when the request sets none (Anthropic requires one)"
     )

@@ -539,7 +539,7 @@ class AnthropicProvider:
         if cfg.api_key:
             headers["x-api-key"] = cfg.api_key
         headers.update(cfg.headers)  # names are case-insensitive: a configured header replaces a default
-        self._http = HttpSession(name, cfg.timeouts, cfg.max_connections, headers)
+        self._http = HttpSession(name, cfg, headers)
 
     async def start(self) -> None:
         await self._http.start()

@@ -25,6 +25,7 @@ import httptools
 
 __all__ = [
     "BodyError",
+    "BodyTooLargeError",
     "ConnectError",
     "HttpPool",
     "PooledResponse",
@@ -58,6 +59,10 @@ class ProtocolError(TransportError):
 
 class BodyError(TransportError):
     """The connection ended inside the body (truncated)."""
+
+
+class BodyTooLargeError(TransportError):
+    """The body is longer than the reader's limit (the connection is dropped, not drained)."""
 
 
 def encode_headers(headers: Mapping[str, str]) -> bytes:
@@ -246,8 +251,28 @@ class PooledResponse:
         conn = self._conn
         return conn is None or (conn.complete and not conn._chunks)
 
-    async def read(self) -> bytes:
-        parts = [chunk async for chunk in self.chunks()]
+    async def read(self, limit: int | None = None, *, truncate: bool = False) -> bytes:
+        """The whole body. Past `limit` bytes: raise BodyTooLargeError, or with `truncate` return
+        the first `limit` bytes; either way the connection is dropped rather than drained."""
+        if limit is not None and not truncate:
+            declared = self.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                self.release()
+                raise BodyTooLargeError(f"a body of {declared} bytes (the limit is {limit})")
+        parts: list[bytes] = []
+        size = 0
+        body = self.chunks()
+        try:
+            async for chunk in body:
+                parts.append(chunk)
+                size += len(chunk)
+                if limit is not None and size > limit:
+                    self.release()  # unfinished: the connection is closed
+                    if truncate:
+                        return b"".join(parts)[:limit]
+                    raise BodyTooLargeError(f"a body over {limit} bytes")
+        finally:
+            await body.aclose()
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def chunks(self) -> AsyncIterator[bytes]:

@@ -7,11 +7,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 
-from setpoint.config.schema import TimeoutsConfig
+from setpoint.config.schema import HttpUpstreamConfig
 from setpoint.errors import ProviderResponseError, ProviderTimeoutError, ProviderUnavailableError
 from setpoint.providers.base import error_from_status
 from setpoint.providers.http_pool import (
     BodyError,
+    BodyTooLargeError,
     ConnectError,
     HttpPool,
     PooledResponse,
@@ -22,6 +23,8 @@ from setpoint.providers.http_pool import (
 )
 
 __all__ = ["HttpSession", "UpstreamResponse", "map_transport_errors"]
+
+_ERROR_BODY_BYTES = 64 * 1024  # of a non-2xx answer, enough for any error message
 
 
 class map_transport_errors:  # noqa: N801 - used as a function: `with map_transport_errors(name):`
@@ -42,6 +45,8 @@ class map_transport_errors:  # noqa: N801 - used as a function: `with map_transp
         provider = self._provider
         if isinstance(exc, TransportTimeout):
             raise ProviderTimeoutError(f"upstream {provider} timed out") from exc
+        if isinstance(exc, BodyTooLargeError):
+            raise ProviderResponseError(f"upstream {provider} sent {exc}") from exc
         if isinstance(exc, (BodyError, ProtocolError)):
             raise ProviderResponseError(f"upstream {provider} sent a truncated or malformed response: {exc}") from exc
         if isinstance(exc, ConnectError):
@@ -55,11 +60,12 @@ class UpstreamResponse:
     It is also the adapters' `UpstreamStream` for a raw body: iterating yields chunks as they
     arrive, and `aclose` before the body's end drops the connection (the upstream stops)."""
 
-    __slots__ = ("_provider", "_resp", "content_type", "headers", "status")
+    __slots__ = ("_max_body", "_provider", "_resp", "content_type", "headers", "status")
 
-    def __init__(self, provider: str, resp: PooledResponse) -> None:
+    def __init__(self, provider: str, resp: PooledResponse, max_body: int) -> None:
         self._provider = provider
         self._resp = resp
+        self._max_body = max_body
         self.status = resp.status
         self.headers: Mapping[str, str] = resp.headers  # lower-case names
         ctype = resp.headers.get("content-type") or ""
@@ -69,7 +75,9 @@ class UpstreamResponse:
         """For a non-2xx answer: read its body (which gives the connection back) and raise it,
         mapped into the error tree."""
         if self.status >= 300:
-            raise error_from_status(self._provider, self.status, self.headers, await self.read())
+            with map_transport_errors(self._provider):  # only the message is needed: a long body is cut
+                body = await self._resp.read(_ERROR_BODY_BYTES, truncate=True)
+            raise error_from_status(self._provider, self.status, self.headers, body)
 
     async def expect_content_type(self, *, stream: bool) -> None:
         """SSE for a stream request, JSON otherwise; anything else closes the connection and raises."""
@@ -86,8 +94,9 @@ class UpstreamResponse:
         return self.chunks()
 
     async def read(self) -> bytes:
+        """The whole body, at most the provider's `max_response_bytes` (past it: a 502)."""
         with map_transport_errors(self._provider):
-            return await self._resp.read()
+            return await self._resp.read(self._max_body)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         with map_transport_errors(self._provider):
@@ -100,11 +109,13 @@ class UpstreamResponse:
 
 
 class HttpSession:
-    def __init__(self, provider: str, timeouts: TimeoutsConfig, max_connections: int, headers: Mapping[str, str]) -> None:
+    def __init__(self, provider: str, cfg: HttpUpstreamConfig, headers: Mapping[str, str]) -> None:
         self._provider = provider
         self._header_block = encode_headers(headers)
+        self._max_body = cfg.max_response_bytes
         self._pool = HttpPool(
-            max_connections=max_connections, connect_timeout_s=timeouts.connect_s, total_timeout_s=timeouts.read_s
+            max_connections=cfg.max_connections, connect_timeout_s=cfg.timeouts.connect_s,
+            total_timeout_s=cfg.timeouts.read_s,
         )
 
     async def start(self) -> None:
@@ -113,7 +124,7 @@ class HttpSession:
     async def post(self, url: str, body: bytes) -> UpstreamResponse:
         with map_transport_errors(self._provider):
             resp = await self._pool.post(url, self._header_block, body)
-        return UpstreamResponse(self._provider, resp)
+        return UpstreamResponse(self._provider, resp, self._max_body)
 
     async def aclose(self) -> None:
         await self._pool.aclose()

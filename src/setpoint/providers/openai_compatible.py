@@ -22,7 +22,7 @@ class OpenAICompatibleProvider:
         headers = {"Content-Type": "application/json", **cfg.headers}
         if cfg.api_key:
             headers["Authorization"] = f"Bearer {cfg.api_key}"
-        self._http = HttpSession(name, cfg.timeouts, cfg.max_connections, headers)
+        self._http = HttpSession(name, cfg, headers)
 
     async def start(self) -> None:
         await self._http.start()

@@ -24,6 +24,7 @@ import pytest
 from setpoint.errors import ProviderResponseError
 from setpoint.providers.http_pool import (
     BodyError,
+    BodyTooLargeError,
     ConnectError,
     HttpPool,
     PooledResponse,
@@ -721,3 +722,52 @@ async def test_https_to_an_untrusted_certificate_is_a_connect_error(tls_cert: tu
     finally:
         await pool.aclose()
         await up.aclose()
+
+
+# -- body limits --------------------------------------------------------------------------------
+
+
+async def test_a_declared_length_over_the_limit_fails_before_the_body_is_read(upstream, make_pool) -> None:
+    up = await upstream(response(b"x" * 5000), response(b"small"))
+    pool = make_pool()
+    resp = await pool.post(up.url(), b"", b"")
+    with pytest.raises(BodyTooLargeError, match="5000 bytes"):
+        await resp.read(4096)
+    await eventually(lambda: 0 in up.eof)  # dropped, not drained and not reused
+    assert await (await pool.post(up.url(), b"", b"")).read(4096) == b"small"
+    assert up.requests[1].conn == 1
+
+
+async def test_a_chunked_body_over_the_limit_fails_as_it_crosses_it(upstream, make_pool) -> None:
+    big = CHUNKED_HEAD + b"".join(chunk(b"y" * 1000) for _ in range(10)) + LAST_CHUNK
+    up = await upstream(big)
+    pool = make_pool()
+    resp = await pool.post(up.url(), b"", b"")
+    with pytest.raises(BodyTooLargeError, match="over 4096 bytes"):
+        await resp.read(4096)
+    await eventually(lambda: 0 in up.eof)
+    # At the limit exactly is fine.
+    resp = await pool.post(up.url(), b"", b"")
+    assert await resp.read(10_000) == b"y" * 10_000
+
+
+async def test_truncate_returns_the_first_bytes_and_drops_an_unfinished_connection(upstream, make_pool) -> None:
+    whole = response(b"z" * 5000)
+    up = await upstream(slowly(whole[:300], whole[300:], delay=0.2), response(b"z" * 5000))
+    pool = make_pool()
+    resp = await pool.post(up.url(), b"", b"")
+    assert await resp.read(100, truncate=True) == b"z" * 100  # before the rest arrived
+    assert resp.is_finished
+    await eventually(lambda: 0 in up.eof)  # the unfinished body's connection is dropped
+    # A body within the limit comes whole, and a finished connection is kept.
+    assert await (await pool.post(up.url(), b"", b"")).read(10_000, truncate=True) == b"z" * 5000
+    assert await (await pool.post(up.url(), b"", b"")).read(10, truncate=True) == b"z" * 10  # all in: kept
+    await (await pool.post(up.url(), b"", b"")).read()
+    assert [r.conn for r in up.requests] == [0, 1, 1, 1]
+
+
+def test_body_too_large_maps_to_a_502() -> None:
+    with pytest.raises(ProviderResponseError, match="upstream up sent a body over 10 bytes") as info, \
+            map_transport_errors("up"):
+        raise BodyTooLargeError("a body over 10 bytes")
+    assert info.value.status == 502
