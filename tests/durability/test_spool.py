@@ -791,3 +791,23 @@ def test_append_does_not_wait_for_a_slow_fsync(tmp_path: Path, monkeypatch: pyte
         spool.release()
     lines = spool.current_segment.read_bytes().splitlines()
     assert [orjson.loads(line)["i"] for line in lines] == list(range(100))
+
+
+def test_a_record_with_a_string_that_is_not_utf8_is_kept(tmp_path: Path, start_drainer: StartDrainer) -> None:
+    """A lone surrogate (how servers pass on header bytes that are not UTF-8) cannot be encoded as
+    JSON; the record is still spooled and stored, with "?" in its place, never dropped."""
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    db = tmp_path / "requests.db"
+    drainer = start_drainer(spool, db, batch_size=64)
+    rec = make_record(0)
+    rec["user_id"] = "u\udcffser"
+    rec["annotations"] = '{"run_id": "run-\ud800", "tags": ["\udcfe"]}'
+    spool.append(rec)
+    spool.append(make_record(1))
+    drain_all(drainer)
+    assert_exactly_once(db, ["rec-0", "rec-1"])
+    with sqlite3.connect(db) as conn:
+        user, annotations = conn.execute("SELECT user_id, annotations FROM requests WHERE id = 'rec-0'").fetchone()
+    assert user == "u?ser"
+    assert orjson.loads(annotations) == {"run_id": "run-?", "tags": ["?"]}
+    assert drainer.last_error is None

@@ -18,18 +18,11 @@ from dataclasses import dataclass
 
 import orjson
 
-__all__ = ["COOKIE_NAME", "SESSION_TTL_S", "Session", "SessionSigner", "key_matches"]
+__all__ = ["COOKIE_NAME", "SESSION_TTL_S", "Session", "SessionSigner"]
 
 COOKIE_NAME = "setpoint_ui"
 SESSION_TTL_S = 12 * 3600
 _CONTEXT = b"setpoint dashboard session v1"
-
-
-def key_matches(presented: str, expected: str | None) -> bool:
-    """Constant-time comparison (as the admin API does); False when no master key is configured."""
-    if not expected or not presented:
-        return False
-    return hmac.compare_digest(presented.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
 
 
 def _b64(data: bytes) -> str:

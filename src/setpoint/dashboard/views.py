@@ -19,7 +19,8 @@ import orjson
 from aiohttp import web
 
 from setpoint.dashboard import data
-from setpoint.dashboard.auth import COOKIE_NAME, Session, SessionSigner, key_matches
+from setpoint.dashboard.auth import COOKIE_NAME, Session, SessionSigner
+from setpoint.keys.model import key_matches
 from setpoint.dashboard.fmt import FILTERS
 from setpoint.errors import RequestError
 from setpoint.logstore.reader import LogReader

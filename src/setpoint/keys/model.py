@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 from dataclasses import dataclass, field
 
-__all__ = ["KEY_PREFIX", "KeyInfo", "hash_key", "new_key_secret"]
+__all__ = ["KEY_PREFIX", "KeyInfo", "hash_key", "key_matches", "new_key_secret"]
 
 KEY_PREFIX = "sk-sp-"
 
@@ -33,3 +34,12 @@ class KeyInfo:
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+
+def key_matches(presented: str, expected: str | None) -> bool:
+    """Constant-time comparison of a presented secret with the master key (admin API, metrics,
+    dashboard); False when no master key is configured. A header that is not UTF-8 arrives with
+    surrogate escapes: it is compared as it is (and fails), never an encoding error."""
+    if not expected or not presented:
+        return False
+    return hmac.compare_digest(presented.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))

@@ -56,7 +56,10 @@ class Spool:
         return self._segment_path(self._seq)
 
     def append(self, record: dict[str, Any]) -> None:
-        line = orjson.dumps(record) + b"\n"
+        try:
+            line = orjson.dumps(record) + b"\n"
+        except TypeError:  # a string that is not UTF-8 (a lone surrogate): kept, with "?" in its place
+            line = orjson.dumps(_utf8_safe(record)) + b"\n"
         with self._mutex:
             if self._fd < 0:
                 raise RuntimeError("spool is closed")
@@ -98,3 +101,14 @@ class Spool:
                 (self.directory / f"{self.owner}.lock").unlink(missing_ok=True)
         finally:
             os.close(self._lock_fd)
+
+
+def _utf8_safe(value: Any) -> Any:
+    """`value` with every string made encodable as UTF-8 (what cannot be is replaced by "?")."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_utf8_safe(k): _utf8_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_utf8_safe(v) for v in value]
+    return value

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import time
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from setpoint.errors import AuthenticationError, SetpointError, StateBackendError
+from setpoint.keys.model import key_matches
 from setpoint.observability.exposition import render
 from setpoint.observability.metrics import (
     Gauge,
@@ -132,7 +132,7 @@ class MetricsService:
             return
         master = self._gw.runtime.master_key
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not master or not given or not hmac.compare_digest(given.encode(), master.encode()):
+        if not key_matches(given, master):
             raise AuthenticationError("metrics need the master key as a bearer token")
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
 from setpoint.errors import AuthenticationError, InvalidRequestError, NotFoundError, PermissionDeniedError, SetpointError
+from setpoint.keys.model import key_matches
 from setpoint.logstore.usage import parse_day, usage_report
 from setpoint.proxy.exchange import read_body
 from setpoint.proxy.routes import error_response
@@ -51,7 +51,7 @@ class AdminHandlers:
             raise PermissionDeniedError("the admin API is disabled: set admin.master_key (e.g. ${SETPOINT_MASTER_KEY})")
         value = request.headers.get("Authorization", "")
         presented = value[7:].strip() if value[:7].lower() == "bearer " else ""
-        if not presented or not hmac.compare_digest(presented.encode(), master.encode()):
+        if not key_matches(presented, master):
             raise AuthenticationError("admin endpoints need 'Authorization: Bearer <master key>'")
 
     async def list_keys(self, request: web.Request) -> web.Response:

@@ -13,8 +13,11 @@ aiohttp protocol on the same transport, which writes its own answers. Answers le
 order: a hand-over waits for the API calls queued before it.
 
 HTTP/1.1 keep-alive, pipelining (queued, served in order, reading paused past a few), chunked and
-Content-Length request bodies, `Expect: 100-continue`, HTTP/1.0 clients, a 64 KB cap on a request's
-head, the body limit, and an idle timeout on kept-alive connections. Handlers are not cancelled
+Content-Length request bodies, `Expect: 100-continue` (ignored from HTTP/1.0 clients, as RFC 9110
+says), HTTP/1.0 clients, exactly one Host in an HTTP/1.1 request, a 64 KB and 128-line cap on a
+request's head (counted as bytes arrive, so a header line that never ends is refused too), the body
+limit, and one timeout (`server.keepalive_timeout_s`) for a connection idle between requests, a
+body that stops coming, and a head still incomplete after that long. Handlers are not cancelled
 when a client leaves (aiohttp's default): a stream notices at its next write, and records a 499.
 """
 
@@ -49,14 +52,20 @@ _API_POSTS = {
 }
 _MODELS = (b"/v1/models", b"/models")
 _MAX_HEAD = 64 * 1024  # request line + headers
+_MAX_HEADERS = 128  # header lines (aiohttp's bound too): 10k tiny ones would cost ~8 ms to parse
 _MAX_QUEUED = 8  # pipelined requests parsed ahead of the one being answered
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _MAX_FORWARD_BUFFER = 256 * 1024  # bytes for aiohttp held while API calls before them are answered
 _NOT_HTTP = b"\x00 unparsable\r\n\r\n"
 
 
-class _HeadTooLarge(Exception):
-    pass
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing; the request is answered `err` and the
+    connection closed."""
+
+    def __init__(self, err: SetpointError) -> None:
+        super().__init__(err.message)
+        self.err = err
 
 
 class _Date:
@@ -73,6 +82,10 @@ class _Date:
         if now != self._at:
             self._at, self._value = now, formatdate(now, usegmt=True)
         return self._value
+
+
+def _head_too_large() -> HeadersTooLargeError:
+    return HeadersTooLargeError(f"the request line and headers exceed {_MAX_HEAD // 1024} KB")
 
 
 def _head(status: int, headers: Mapping[str, str], framing: str, date: str) -> bytes:
@@ -113,13 +126,15 @@ class EdgeServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def _close_idle(self) -> None:
-        """Close kept-alive connections idle for longer than the keep-alive timeout."""
+        """Close connections that have kept the keep-alive timeout waiting: idle between requests,
+        silent in the middle of a request body, or still sending one head after that long (a
+        head trickled a byte at a time keeps the connection active, never complete)."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(max(0.05, min(10.0, self.keepalive_timeout_s / 4)))
             cutoff = loop.time() - self.keepalive_timeout_s
             for conn in list(self.connections):
-                if conn.is_idle and conn.last_active < cutoff:
+                if conn.is_stalled(cutoff):
                     conn.close()
 
     async def stop(self, timeout_s: float = 10.0) -> None:
@@ -153,6 +168,11 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0
+        self._header_count = 0
+        self._in_head = False  # between a request's first byte and the end of its head
+        self._head_started = 0.0
+        self._head_fed = 0  # bytes fed to the parser inside one head, after the read it began in
+        self._began = False  # a request began in the read being parsed
         self._in_message = False  # between a request's first byte and its end
         self._forward: list[bytes] | None = None  # handed over: bytes for aiohttp, re-serialised from the parser
         self._forward_chunked = False  # the request being passed on has a chunked body
@@ -179,6 +199,7 @@ class _Connection(asyncio.Protocol):
         if self._broken is not None:
             return
         self.last_active = self._loop.time()
+        self._began = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:  # the upgraded request was passed on: the rest is aiohttp's
@@ -186,11 +207,18 @@ class _Connection(asyncio.Protocol):
             assert self._forward is not None
             self._forward.append(data[upgrade.args[0]:])
         except httptools.HttpParserCallbackError as exc:
-            if not isinstance(exc.__context__, _HeadTooLarge):
+            if not isinstance(exc.__context__, _Refused):
                 raise
-            self._fail(HeadersTooLargeError(f"the request line and headers exceed {_MAX_HEAD // 1024} KB"))
+            self._fail(exc.__context__.err)
         except httptools.HttpParserError as exc:
             self._fail(InvalidRequestError(f"malformed HTTP request: {exc}"))
+        else:
+            if self._in_head and not self._began:
+                # httptools holds a header line that has not ended yet in its own buffer, out of
+                # the callbacks' sight: count what is fed while a head is open instead.
+                self._head_fed += len(data)
+                if self._head_fed > _MAX_HEAD:
+                    self._fail(_head_too_large())
         if self._forward is not None:
             self._flush_forward()
 
@@ -227,9 +255,14 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._in_message = True
+        self._in_head = True
+        self._began = True
+        self._head_started = self._loop.time()
+        self._head_fed = 0
         self._url = b""
         self._headers = []
         self._head_size = 0
+        self._header_count = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -237,14 +270,18 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        self._header_count += 1
+        if self._header_count > _MAX_HEADERS:
+            raise _Refused(HeadersTooLargeError(f"a request may have at most {_MAX_HEADERS} header lines"))
         self._grow(len(name) + len(value) + 4)
 
     def _grow(self, n: int) -> None:
         self._head_size += n
         if self._head_size > _MAX_HEAD:
-            raise _HeadTooLarge
+            raise _Refused(_head_too_large())
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         parser = self._parser
         if self._forward is not None or parser.should_upgrade():
             self._forward_head()
@@ -269,7 +306,10 @@ class _Connection(asyncio.Protocol):
         headers = CIMultiDictProxy(CIMultiDict(
             [(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in self._headers]
         ))
-        req = _Request(self, route, model, headers, parser.should_keep_alive(), parser.get_http_version())
+        version = parser.get_http_version()
+        if version != "1.0" and len(headers.getall("host", ())) != 1:  # RFC 9112 3.2, as aiohttp
+            raise _Refused(InvalidRequestError("an HTTP/1.1 request needs exactly one Host header"))
+        req = _Request(self, route, model, headers, parser.should_keep_alive(), version)
         self._parsing = req
         self._queue.append(req)
         if len(self._queue) == 1:
@@ -349,9 +389,13 @@ class _Connection(asyncio.Protocol):
             # cannot parse either (in a read of their own, as they would have come), and answers
             # them (400) and closes, after its answers under way.
             return
-        if self._parsing is not None:
-            self._queue.remove(self._parsing)
+        req = self._parsing
+        if req is not None:
+            # Its handler may already be waiting for the body: it gets the error from read_body,
+            # answers it (and records it) in turn, and the connection closes after it.
             self._parsing = None
+            req.body_failed(err)
+            return
         if not self._queue:
             self._answer_broken()
 
@@ -399,6 +443,15 @@ class _Connection(asyncio.Protocol):
     def is_idle(self) -> bool:
         return not self._queue and self._fallback is None
 
+    def is_stalled(self, cutoff: float) -> bool:
+        """Nothing came since `cutoff` while idle or inside a request's body, or the head being
+        read began before it."""
+        if self._fallback is not None:
+            return False  # aiohttp's
+        if self._in_head:
+            return self._head_started < cutoff
+        return self.last_active < cutoff and (not self._queue or self._parsing is not None)
+
     def close(self) -> None:
         if self._transport is not None and not self.is_closed:
             self._transport.close()
@@ -416,7 +469,7 @@ class _Request:
     handlers answer through."""
 
     __slots__ = (
-        "_body", "_conn", "_expects_continue", "_head", "_is_http11", "_size", "_task", "_too_large",
+        "_body", "_conn", "_error", "_expects_continue", "_head", "_is_http11", "_size", "_task", "_too_large",
         "_waiter", "headers", "is_complete", "keep_alive", "model", "route",
     )
 
@@ -430,10 +483,12 @@ class _Request:
         self.headers = headers
         self.keep_alive = keep_alive and not conn._edge.is_closing
         self._is_http11 = version == "1.1"  # an HTTP/1.0 client gets a stream that ends when we close
-        self._expects_continue = headers.get("expect", "").lower() == "100-continue"
+        # RFC 9110 10.1.1: the expectation of an HTTP/1.0 request is ignored
+        self._expects_continue = self._is_http11 and headers.get("expect", "").lower() == "100-continue"
         self._body: list[bytes] = []
         self._size = 0
         self._too_large = False
+        self._error: SetpointError | None = None  # the body could not be parsed
         self.is_complete = False
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -454,6 +509,11 @@ class _Request:
 
     def body_complete(self) -> None:
         self.is_complete = True
+        self._wake()
+
+    def body_failed(self, err: SetpointError) -> None:
+        self._error = err
+        self.keep_alive = False
         self._wake()
 
     def client_left(self) -> None:
@@ -497,18 +557,20 @@ class _Request:
         if length is not None and length.isdigit() and int(length) > limit:
             self.keep_alive = False  # the body is not read: the connection cannot be reused
             raise PayloadTooLargeError(f"request body is {length} bytes; the limit is {limit}")
-        if not self.is_complete and not self._too_large:
+        if not self.is_complete and not self._too_large and self._error is None:
             if self._conn.is_closed:
                 raise asyncio.CancelledError
             if self._expects_continue:
                 self._conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
             self._waiter = asyncio.get_running_loop().create_future()
             try:
-                while not self.is_complete and not self._too_large:
+                while not self.is_complete and not self._too_large and self._error is None:
                     await self._waiter
                     self._waiter = asyncio.get_running_loop().create_future()
             finally:
                 self._waiter = None
+        if self._error is not None:
+            raise self._error
         if self._too_large or self._size > limit:
             self.keep_alive = False
             raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from setpoint.accounting.tokens import preload as preload_tokenizer
 
@@ -86,9 +87,18 @@ async def _logged(what: str, step: Awaitable[None]) -> None:
         log.exception("shutdown: %s failed", what)
 
 
+@web.middleware
+async def _unroutable(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request-target no route can match (`CONNECT host:port`, `OPTIONS *`) gets the OpenAI
+    error shape too, not aiohttp's text page (every other unknown path has the catch-all route)."""
+    if request.match_info.http_exception is not None:
+        return error_response(NotFoundError(f"unsupported endpoint: {request.method} {request.raw_path[:200]}"))
+    return await handler(request)
+
+
 def build_app(gw: Gateway) -> web.Application:
     max_body = gw.runtime.config.server.max_body_bytes
-    app = web.Application(client_max_size=max_body)
+    app = web.Application(client_max_size=max_body, middlewares=[_unroutable])
     api = gw.api
     admin = AdminHandlers(gw)
     r = app.router

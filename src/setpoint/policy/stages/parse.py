@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from setpoint.errors import InvalidRequestError
@@ -14,6 +14,19 @@ __all__ = ["ParseStage"]
 
 
 _RANK = {"critical": 0, "default": 1, "sheddable": 2}
+
+
+def _text_header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header value that is kept (in the request record, the loop detector): it must be UTF-8.
+    (Servers decode other bytes as surrogate escapes, which no JSON encoder takes.)"""
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(f"header {name} is not valid UTF-8") from None
+    return value
 
 
 def _priority(asked: str | None, allowed: str) -> str:
@@ -40,9 +53,9 @@ class ParseStage:
         ctx.is_stream = body.get("stream") is True
         if ctx.is_stream and not self._allow_stream:
             raise InvalidRequestError("this endpoint does not support streaming", param="stream")
-        user = ctx.headers.get("x-setpoint-user") or body.get("user")
+        user = _text_header(ctx.headers, "x-setpoint-user") or body.get("user")
         ctx.user = user if isinstance(user, str) and user else (ctx.key.user if ctx.key else None)
-        run_id = ctx.headers.get("x-setpoint-run-id")
+        run_id = _text_header(ctx.headers, "x-setpoint-run-id")
         ctx.run_id = run_id[:200] if run_id else None
         ctx.priority = _priority(ctx.headers.get("x-setpoint-priority"), ctx.key.priority if ctx.key else "default")
         deadline = ctx.headers.get("x-setpoint-deadline-ms")
