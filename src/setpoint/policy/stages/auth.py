@@ -15,6 +15,10 @@ __all__ = ["AuthStage", "bearer_secret"]
 
 
 def bearer_secret(headers: Mapping[str, str]) -> str:
+    getall = getattr(headers, "getall", None)  # a request's headers (a multidict); a plain dict has one of each
+    if getall is not None and len(getall("Authorization", ())) > 1:
+        # Which one counts would be a guess (a proxy in front may read the other): refuse both.
+        raise AuthenticationError("send one Authorization header, not several")
     value = headers.get("Authorization") or ""
     if value[:7].lower() == "bearer ":
         secret = value[7:].strip()
