@@ -234,3 +234,27 @@ def test_budget_gauges_show_limit_and_remaining(make_gateway, default_config, ma
         pytest.approx((5_000_000 - spent) / 1e6))
     # A named budget is reported before it is used.
     assert value(fams, "setpoint_budget_remaining_usd", scope="key", entity="limited", period="monthly") == 2.0
+
+
+def test_requests_the_edge_refuses_before_parsing_are_counted(gateway, http) -> None:
+    """Malformed HTTP never becomes a request (so it has no record); the edge counts each refusal by
+    status and code instead, so garbage traffic is visible."""
+    import socket  # noqa: PLC0415
+
+    port = int(gateway.root_url.rsplit(":", 1)[1])
+    garbage = {
+        b"GET /v1/models HTTP/1.1\r\nX-Foo bar\r\n\r\n": 1,  # a header line without a colon: 400
+        b"GET /v1/models HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n": 1,  # 431
+        b"GET /v1/models HTTP/1.1\r\n\r\n": 2,  # HTTP/1.1 without Host: 400
+    }
+    for data, times in garbage.items():
+        for _ in range(times):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(data)
+                answer = b""
+                while chunk := s.recv(65536):
+                    answer += chunk
+                assert answer.startswith((b"HTTP/1.1 400", b"HTTP/1.1 431")), answer[:100]
+    fams = scrape(http, gateway)
+    assert value(fams, "setpoint_http_refusals_total", status="400", code="invalid_request") == 3
+    assert value(fams, "setpoint_http_refusals_total", status="431", code="request_headers_too_large") == 1

@@ -46,6 +46,9 @@ COUNTERS: dict[str, tuple[str, Labels]] = {
     "setpoint_cache_requests": ("Requests that consulted the response cache, by result", ("model", "result")),
     "setpoint_cache_saved_usd": ("Upstream cost avoided by cache hits, in US dollars", ("model",)),
     "setpoint_upstream_attempts": ("Upstream attempts (retries and fallbacks included)", ("deployment",)),
+    "setpoint_http_refusals": ("Requests refused by the edge before a request existed (malformed HTTP, "
+                               "oversize or unterminated heads, bad chunking, no Host): they have no record",
+                               ("status", "code")),
 }
 HISTOGRAMS: dict[str, tuple[str, Labels, tuple[float, ...]]] = {
     "setpoint_request_duration_seconds": ("Whole request time as the client sees it", ("model", "deployment"), LATENCY_BUCKETS),
@@ -80,6 +83,7 @@ class RequestMetrics:
         self._requests, self._tokens, self._cost = c["setpoint_requests"], c["setpoint_tokens"], c["setpoint_cost_usd"]
         self._cache, self._saved = c["setpoint_cache_requests"], c["setpoint_cache_saved_usd"]
         self._attempts = c["setpoint_upstream_attempts"]
+        self._refusals = c["setpoint_http_refusals"]
         h = self._hists
         self._latency = h["setpoint_request_duration_seconds"]
         self._ttft = h["setpoint_ttft_seconds"]
@@ -117,6 +121,11 @@ class RequestMetrics:
             self._ttft.observe(md, ctx.ttft_ms / 1000)
         if ctx.overhead_ms is not None:
             self._overhead.observe(ctx.endpoint, ctx.overhead_ms / 1000)
+
+    def refused(self, status: int, code: str) -> None:
+        """A request the edge answered itself, before it could be parsed into a request."""
+        key = f"{status}{_SEP}{code}"
+        self._refusals[key] = self._refusals.get(key, 0) + 1
 
     def snapshot(self, gauges: Mapping[str, Mapping[str, float]]) -> Snapshot:
         return {

@@ -108,6 +108,7 @@ class EdgeServer:
         keepalive_timeout_s: float = 75.0,
     ) -> None:
         self.api = api
+        self.metrics = api.metrics  # refusals are counted here: they never become requests
         self.fallback = fallback
         self.max_body = max_body
         self.keepalive_timeout_s = keepalive_timeout_s
@@ -402,6 +403,8 @@ class _Connection(asyncio.Protocol):
     def _answer_broken(self) -> None:
         assert self._broken is not None and self._transport is not None
         status, headers, body = error_answer(self._broken)
+        if self._edge.metrics is not None:
+            self._edge.metrics.refused(status, self._broken.wire_code)
         self.send(_head(status, headers, f"Content-Length: {len(body)}\r\nConnection: close\r\n", self._edge.date()) + body)
         self.close()
 

@@ -74,7 +74,7 @@ class ApiHandlers:
         self._max_body = gw.runtime.config.server.max_body_bytes
         self._store_content = gw.runtime.config.logging.store_content
         self._new_id = _RequestIds()
-        self._metrics = gw.metrics.metrics if gw.metrics is not None else None
+        self.metrics = gw.metrics.metrics if gw.metrics is not None else None  # the edge counts its refusals here too
         self._tracer = gw.tracer
         self._overhead_header = gw.runtime.config.observability.overhead_header
 
@@ -102,8 +102,8 @@ class ApiHandlers:
             ctx.overhead_ms = max(0.0, latency_ms - ctx.upstream_wait_s * 1000)
         if self._overhead_header:
             ctx.response_headers["x-setpoint-overhead-ms"] = f"{ctx.overhead_ms:.3f}"
-        if self._metrics is not None:
-            self._metrics.observe(ctx, latency_ms)
+        if self.metrics is not None:
+            self.metrics.observe(ctx, latency_ms)
         if ctx.trace is not None:
             ctx.trace.finish(ctx)
         self._gw.request_log.append(ctx, latency_ms)
