@@ -7,7 +7,8 @@ SetpointError
 │   ├── InvalidRequestError 400    ├── PayloadTooLargeError 413
 │   ├── AuthenticationError 401    ├── PermissionDeniedError 403
 │   ├── NotFoundError 404          │   └── ModelNotFoundError 404
-│   ├── MethodNotAllowedError 405  └── RateLimitedError 429 · BudgetExceededError 429
+│   ├── MethodNotAllowedError 405  ├── RateLimitedError 429 · BudgetExceededError 429
+│   ├── HeadersTooLargeError 431   └── HttpVersionNotSupportedError 505 (HTTP/2.0 on an HTTP/1.1 server)
 ├── UpstreamError                  the provider's fault
 │   ├── ProviderTimeoutError 504 · ProviderUnavailableError 503 · ProviderRateLimitedError 429
 │   ├── ProviderResponseError 502  (garbage: non-JSON, truncated, wrong content type)
@@ -36,6 +37,7 @@ __all__ = [
     "CircuitOpenError",
     "ConfigError",
     "HeadersTooLargeError",
+    "HttpVersionNotSupportedError",
     "InternalError",
     "InvalidRequestError",
     "MethodNotAllowedError",
@@ -127,6 +129,14 @@ class PayloadTooLargeError(RequestError):
 class HeadersTooLargeError(RequestError):
     status_code = 431
     code = "request_headers_too_large"
+
+
+class HttpVersionNotSupportedError(RequestError):
+    """A request line naming an HTTP version this server does not speak (it speaks 1.0 and 1.1).
+    A 5xx by RFC 9110, but the client's doing: a RequestError, never retried."""
+
+    status_code = 505
+    code = "http_version_not_supported"
 
 
 class AuthenticationError(RequestError):

@@ -831,3 +831,14 @@ def test_http10_expect_100_continue_gets_no_interim_answer(shared: dict[str, Bac
         resp = c.send(body).read_response()
         assert_chat_ok(resp, tokens=2)
 
+
+
+@pytest.mark.parametrize("version", ["2.0", "0.9"])
+def test_an_http_version_other_than_1x_is_505_on_the_edge(shared: dict[str, BackgroundGateway], version: str) -> None:
+    """llhttp parses "HTTP/2.0" or "HTTP/0.9" in a request line like any version; the edge speaks 1.0 and 1.1 only
+    and says so (505), instead of answering in HTTP/1.1 as if nothing were odd."""
+    with connect(shared, "edge") as c:
+        resp = c.send(head_with([], method="GET", target="/v1/models", version=version)).read_response()
+        assert_refused(resp, "edge", 505, "http_version_not_supported")
+        c.assert_closed()
+    assert_still_serving(gateway_of(shared, "edge"))

@@ -36,7 +36,13 @@ from urllib.parse import unquote
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from setpoint.errors import HeadersTooLargeError, InvalidRequestError, PayloadTooLargeError, SetpointError
+from setpoint.errors import (
+    HeadersTooLargeError,
+    HttpVersionNotSupportedError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    SetpointError,
+)
 from setpoint.proxy.routes import error_answer
 
 if TYPE_CHECKING:
@@ -308,6 +314,8 @@ class _Connection(asyncio.Protocol):
             [(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in self._headers]
         ))
         version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise _Refused(HttpVersionNotSupportedError(f"HTTP/{version} is not supported here; use HTTP/1.1"))
         if version != "1.0" and len(headers.getall("host", ())) != 1:  # RFC 9112 3.2, as aiohttp
             raise _Refused(InvalidRequestError("an HTTP/1.1 request needs exactly one Host header"))
         req = _Request(self, route, model, headers, parser.should_keep_alive(), version)
