@@ -160,6 +160,20 @@ def assert_still_serving(gw: BackgroundGateway) -> None:
         assert_chat_ok(c.send(chat(tokens=2)).read_response(), tokens=2)
 
 
+def assert_refused_and_closed(shared: dict[str, BackgroundGateway], gateway_rows: Rows, front: str, bad: bytes,
+                              **refused: Any) -> None:
+    """`bad`, with a marked chat request pipelined after it: one refusal (`assert_refused`), the
+    close, the pipelined request never served, and the gateway still serving."""
+    after = marker()
+    gw = gateway_of(shared, front)
+    with connect(shared, front) as c:
+        assert_refused(c.send(bad + marked_chat(after)).read_response(), "edge" if front == "edge" else "aiohttp",
+                       **refused)
+        c.assert_closed()
+    assert records_of(gateway_rows, gw, after) == []
+    assert_still_serving(gw)
+
+
 def assert_refused(resp: Response, front: str, status: int = 400, code: str = "invalid_request",
                    aiohttp_statuses: tuple[int, ...] = (400,), *, own: bool = True) -> None:
     """A protocol-level refusal. The edge's own answer is OpenAI-shaped and says it closes; aiohttp's
@@ -290,15 +304,8 @@ def test_transfer_encoding_not_ending_in_chunked_is_refused(
     and close. The request pipelined after it is not served. (llhttp finds some of these only after
     the head is complete, when the edge has already passed a request for aiohttp on: aiohttp's
     parser then refuses it too.)"""
-    after = marker()
-    data = head_with([f"Transfer-Encoding: {coding}"], target=target) + chunked(chat_body(tokens=1)) + marked_chat(after)
-    gw = gateway_of(shared, front)
-    with connect(shared, front) as c:
-        resp = c.send(data).read_response()
-        assert_refused(resp, "edge" if front == "edge" else "aiohttp", own=target != "/v1/unknown")
-        c.assert_closed()
-    assert records_of(gateway_rows, gw, after) == []
-    assert_still_serving(gw)
+    bad = head_with([f"Transfer-Encoding: {coding}"], target=target) + chunked(chat_body(tokens=1))
+    assert_refused_and_closed(shared, gateway_rows, front, bad, own=target != "/v1/unknown")
 
 
 @pytest.mark.parametrize("coding", ["gzip, chunked", "CHUNKED", "chunked, chunked"])
@@ -378,14 +385,7 @@ BAD_CHUNKS: dict[str, bytes] = {
 def test_invalid_chunk_framing_is_400_and_closed(
     shared: dict[str, BackgroundGateway], gateway_rows: Rows, front: str, case: str
 ) -> None:
-    after = marker()
-    data = head_with(["Transfer-Encoding: chunked"]) + BAD_CHUNKS[case] + marked_chat(after)
-    gw = gateway_of(shared, front)
-    with connect(shared, front) as c:
-        assert_refused(c.send(data).read_response(), "edge" if front == "edge" else "aiohttp")
-        c.assert_closed()
-    assert records_of(gateway_rows, gw, after) == []
-    assert_still_serving(gw)
+    assert_refused_and_closed(shared, gateway_rows, front, head_with(["Transfer-Encoding: chunked"]) + BAD_CHUNKS[case])
 
 
 @pytest.mark.parametrize("front", FRONTS)
@@ -485,14 +485,7 @@ MALFORMED_HEADS: dict[str, bytes] = {
 def test_malformed_head_is_400_and_the_pipelined_request_is_not_served(
     shared: dict[str, BackgroundGateway], gateway_rows: Rows, front: str, case: str
 ) -> None:
-    after = marker()
-    gw = gateway_of(shared, front)
-    with connect(shared, front) as c:
-        resp = c.send(MALFORMED_HEADS[case] + marked_chat(after)).read_response()
-        assert_refused(resp, "edge" if front == "edge" else "aiohttp")
-        c.assert_closed()
-    assert records_of(gateway_rows, gw, after) == []
-    assert_still_serving(gw)
+    assert_refused_and_closed(shared, gateway_rows, front, MALFORMED_HEADS[case])
 
 
 @pytest.mark.parametrize("front", FRONTS)
