@@ -175,7 +175,6 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0
-        self._header_count = 0
         self._in_head = False  # between a request's first byte and the end of its head
         self._head_started = 0.0
         self._head_fed = 0  # bytes fed to the parser inside one head, after the read it began in
@@ -264,12 +263,11 @@ class _Connection(asyncio.Protocol):
         self._in_message = True
         self._in_head = True
         self._began = True
-        self._head_started = self._loop.time()
+        self._head_started = self.last_active  # the read this head began in
         self._head_fed = 0
         self._url = b""
         self._headers = []
         self._head_size = 0
-        self._header_count = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -277,8 +275,7 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
-        self._header_count += 1
-        if self._header_count > _MAX_HEADERS:
+        if len(self._headers) > _MAX_HEADERS:
             raise _Refused(HeadersTooLargeError(f"a request may have at most {_MAX_HEADERS} header lines"))
         self._grow(len(name) + len(value) + 4)
 
@@ -310,13 +307,13 @@ class _Connection(asyncio.Protocol):
         if route is None or not model and route == "model":
             self._forward_head()
             return
-        headers = CIMultiDictProxy(CIMultiDict(
-            [(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in self._headers]
-        ))
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             raise _Refused(HttpVersionNotSupportedError(f"HTTP/{version} is not supported here; use HTTP/1.1"))
-        if version != "1.0" and len(headers.getall("host", ())) != 1:  # RFC 9112 3.2, as aiohttp
+        headers = CIMultiDictProxy(CIMultiDict(
+            [(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in self._headers]
+        ))
+        if version == "1.1" and len(headers.getall("host", ())) != 1:  # RFC 9112 3.2, as aiohttp
             raise _Refused(InvalidRequestError("an HTTP/1.1 request needs exactly one Host header"))
         req = _Request(self, route, model, headers, parser.should_keep_alive(), version)
         self._parsing = req

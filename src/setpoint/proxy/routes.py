@@ -158,15 +158,13 @@ class ApiHandlers:
             )
         except SetpointError as err:
             await self._fail(ex, ctx, err)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionResetError) as exc:
+            # Cancelled, or (aiohttp) the client left while its body was being read: nobody to answer.
             if not ctx.is_recorded:
                 ctx.status, ctx.error_code = 499, "client_disconnected"
                 await self._complete(ctx)
-            raise
-        except ConnectionResetError:  # the client left while its body was being read: nobody to answer
-            if not ctx.is_recorded:
-                ctx.status, ctx.error_code = 499, "client_disconnected"
-                await self._complete(ctx)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
         except Exception:  # the outermost boundary: log it, answer 500 without internals
             log.exception("unhandled error in request %s", ctx.request_id)
             await self._fail(ex, ctx, InternalError("internal error; see the gateway log for request " + ctx.request_id))
